@@ -1,0 +1,219 @@
+// The only file that sees Python. CPU entry points take numpy arrays (the
+// Python layer turns torch CPU tensors into numpy views with np.from_dlpack),
+// check dtype/ndim/contiguity here again -- never converting -- and release the
+// GIL around the kernel. CUDA entry points take raw device pointers (from
+// __cuda_array_interface__ / data_ptr()) and the caller's stream as integers;
+// the Python layer allocates outputs and workspaces with the caller's framework.
+#include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
+
+#include <string>
+
+#include "common.h"
+#include "kcenter.h"
+#include "knn.h"
+#include "lof.h"
+#include "pairwise.h"
+#include "runtime.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using sp::index_t;
+
+namespace {
+
+// Checks one array argument and returns its data pointer. `ndim` < 0: any.
+template <class T>
+T* checked_ptr(const py::array& arr, const char* op, const char* name, int ndim,
+               bool writable) {
+  std::string where = std::string(op) + ": argument '" + name + "'";
+  if (!arr.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(where + " must have dtype " +
+                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(arr.dtype())));
+  if (ndim >= 0 && arr.ndim() != ndim)
+    throw py::value_error(where + " must be " + std::to_string(ndim) +
+                          "-dimensional, got " + std::to_string(arr.ndim()) + " dimensions");
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error(where + " must be C-contiguous");
+  if (writable && !arr.writeable())
+    throw py::value_error(where + " must be writable");
+  return static_cast<T*>(const_cast<void*>(arr.data()));
+}
+
+template <class T>
+T* optional_ptr(const py::object& obj, const char* op, const char* name, int ndim,
+                bool writable) {
+  if (obj.is_none()) return nullptr;
+  return checked_ptr<T>(py::cast<py::array>(obj), op, name, ndim, writable);
+}
+
+void expect(bool ok, const char* op, const std::string& what) {
+  if (!ok) throw py::value_error(std::string(op) + ": " + what);
+}
+
+// ---------------------------------------------------------------- CPU ops
+void pairwise_sqdist_cpu(const py::array& a, const py::array& b, const py::array& out) {
+  const char* op = "pairwise_sqdist";
+  const float* pa = checked_ptr<float>(a, op, "a", 3, false);
+  const float* pb = checked_ptr<float>(b, op, "b", 3, false);
+  float* po = checked_ptr<float>(out, op, "out", 3, true);
+  index_t B = a.shape(0), n = a.shape(1), d = a.shape(2), m = b.shape(1);
+  expect(b.shape(0) == B && b.shape(2) == d, op, "a and b must agree in batch and feature dimensions");
+  expect(out.shape(0) == B && out.shape(1) == n && out.shape(2) == m, op, "out must have shape [B, n, m]");
+  py::gil_scoped_release nogil;
+  sp::pairwise_sqdist_cpu(pa, pb, po, B, n, m, d);
+}
+
+void knn_cpu(const py::array& queries, const py::array& bank, index_t k,
+             const py::object& weights, const py::array& out_dist,
+             const py::array& out_idx, const py::object& out_score,
+             index_t tile_q, index_t tile_m) {
+  const char* op = "knn";
+  const float* pq = checked_ptr<float>(queries, op, "queries", 2, false);
+  const float* pb = checked_ptr<float>(bank, op, "bank", 2, false);
+  const float* pw = optional_ptr<float>(weights, op, "weights", 1, false);
+  float* pd = checked_ptr<float>(out_dist, op, "out_dist", 2, true);
+  index_t* pi = checked_ptr<index_t>(out_idx, op, "out_idx", 2, true);
+  float* ps = optional_ptr<float>(out_score, op, "out_score", 1, true);
+  index_t q = queries.shape(0), d = queries.shape(1), m = bank.shape(0);
+  expect(bank.shape(1) == d, op, "queries and bank must have the same feature dimension");
+  expect(k >= 1 && k <= m, op, "k must be in [1, m]");
+  expect(out_dist.shape(0) == q && out_dist.shape(1) == k, op, "out_dist must have shape [q, k]");
+  expect(out_idx.shape(0) == q && out_idx.shape(1) == k, op, "out_idx must have shape [q, k]");
+  expect(!pw || py::cast<py::array>(weights).shape(0) == m, op, "weights must have shape [m]");
+  expect(!ps || py::cast<py::array>(out_score).shape(0) == q, op, "out_score must have shape [q]");
+  expect(!ps || pw, op, "out_score needs weights");
+  py::gil_scoped_release nogil;
+  sp::knn_cpu(pq, q, pb, m, d, k, pw, pd, pi, ps, tile_q, tile_m);
+}
+
+void lof_cpu(const py::array& x, index_t k, const py::array& out) {
+  const char* op = "lof";
+  const float* px = checked_ptr<float>(x, op, "x", 3, false);
+  float* po = checked_ptr<float>(out, op, "out", 2, true);
+  index_t B = x.shape(0), n = x.shape(1), d = x.shape(2);
+  expect(out.shape(0) == B && out.shape(1) == n, op, "out must have shape [B, n]");
+  expect(n >= 2 && k >= 1 && k <= n - 1, op, "need n >= 2 and 1 <= k <= n - 1");
+  py::gil_scoped_release nogil;
+  sp::lof_cpu(px, B, n, d, k, po);
+}
+
+void kcenter_greedy_cpu(const py::array& x, index_t m, index_t start,
+                        const py::object& sample_weight, const py::array& out_idx) {
+  const char* op = "kcenter_greedy";
+  const float* px = checked_ptr<float>(x, op, "x", 2, false);
+  const float* pw = optional_ptr<float>(sample_weight, op, "sample_weight", 1, false);
+  index_t* po = checked_ptr<index_t>(out_idx, op, "out_idx", 1, true);
+  index_t n = x.shape(0), d = x.shape(1);
+  expect(out_idx.shape(0) == m && m >= 1 && m <= n, op, "out_idx must have shape [m], 1 <= m <= n");
+  expect(start >= 0 && start < n, op, "start must be in [0, n)");
+  expect(!pw || py::cast<py::array>(sample_weight).shape(0) == n, op, "sample_weight must have shape [n]");
+  py::gil_scoped_release nogil;
+  sp::kcenter_greedy_cpu(px, n, d, m, start, pw, po);
+}
+
+void kcenter_greedy_approx_cpu(const py::array& x, index_t m, const py::array& anchors,
+                               const py::object& sample_weight, const py::array& out_idx) {
+  const char* op = "kcenter_greedy_approx";
+  const float* px = checked_ptr<float>(x, op, "x", 2, false);
+  const index_t* pa = checked_ptr<index_t>(anchors, op, "anchors", 1, false);
+  const float* pw = optional_ptr<float>(sample_weight, op, "sample_weight", 1, false);
+  index_t* po = checked_ptr<index_t>(out_idx, op, "out_idx", 1, true);
+  index_t n = x.shape(0), d = x.shape(1), na = anchors.shape(0);
+  expect(out_idx.shape(0) == m && m >= 1 && m <= n, op, "out_idx must have shape [m], 1 <= m <= n");
+  expect(na >= 1, op, "anchors must not be empty");
+  for (index_t i = 0; i < na; ++i) expect(pa[i] >= 0 && pa[i] < n, op, "anchors must be in [0, n)");
+  expect(!pw || py::cast<py::array>(sample_weight).shape(0) == n, op, "sample_weight must have shape [n]");
+  py::gil_scoped_release nogil;
+  sp::kcenter_greedy_approx_cpu(px, n, d, m, pa, na, pw, po);
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = SOFTPATCH_VERSION;
+  info["cuda_compiled"] = sp::cuda_compiled();
+  info["cuda_version"] = std::string(SOFTPATCH_CUDA_VERSION_STR);
+  info["cuda_architectures"] = std::string(SOFTPATCH_CUDA_ARCHS);
+  info["compiler"] = std::string(SOFTPATCH_COMPILER);
+  info["openmp"] = bool(SOFTPATCH_OPENMP);
+#ifdef _OPENMP
+  info["openmp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp_max_threads"] = 1;
+#endif
+  return info;
+}
+
+py::dict cuda_probe() {
+  sp::CudaProbe p;
+  {
+    py::gil_scoped_release nogil;
+    p = sp::cuda_probe();
+  }
+  py::dict d;
+  d["device_count"] = p.device_count;
+  d["runtime_version"] = p.runtime_version;
+  d["driver_version"] = p.driver_version;
+  d["reason"] = p.reason;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "softpatch_cuda compiled kernels (private; use softpatch_cuda.ops)";
+  static py::exception<sp::CudaError> cuda_error(m, "CudaError", PyExc_RuntimeError);
+  (void)cuda_error;
+
+  m.def("build_info", &build_info);
+  m.def("cuda_probe", &cuda_probe);
+  m.def("cuda_device_name", &sp::cuda_device_name);
+
+  m.def("pairwise_sqdist_cpu", &pairwise_sqdist_cpu);
+  m.def("knn_cpu", &knn_cpu, py::arg("queries"), py::arg("bank"), py::arg("k"),
+        py::arg("weights"), py::arg("out_dist"), py::arg("out_idx"),
+        py::arg("out_score"), py::arg("tile_q") = 0, py::arg("tile_m") = 0);
+  m.def("lof_cpu", &lof_cpu);
+  m.def("kcenter_greedy_cpu", &kcenter_greedy_cpu);
+  m.def("kcenter_greedy_approx_cpu", &kcenter_greedy_approx_cpu);
+
+#ifdef SOFTPATCH_WITH_CUDA
+  // Raw-pointer CUDA entry points: (pointers..., sizes..., dtype, ..., stream).
+  m.def("pairwise_sqdist_cuda",
+        [](uintptr_t a, uintptr_t b, uintptr_t out, index_t B, index_t n, index_t mm,
+           index_t d, int dtype, bool tf32, uintptr_t stream) {
+          py::gil_scoped_release nogil;
+          sp::pairwise_sqdist_cuda((const void*)a, (const void*)b, (float*)out, B, n, mm, d,
+                                   sp::DType(dtype), tf32, stream);
+        });
+  m.def("knn_cuda",
+        [](uintptr_t qp, index_t q, uintptr_t bp, index_t mm, index_t d, index_t k,
+           uintptr_t w, uintptr_t od, uintptr_t oi, uintptr_t os, int dtype, bool tf32,
+           uintptr_t ws, uintptr_t stream) {
+          py::gil_scoped_release nogil;
+          sp::knn_cuda((const void*)qp, q, (const void*)bp, mm, d, k, (const float*)w,
+                       (float*)od, (index_t*)oi, (float*)os, sp::DType(dtype), tf32,
+                       (float*)ws, stream);
+        });
+  m.def("lof_cuda_workspace_floats", &sp::lof_cuda_workspace_floats);
+  m.def("lof_cuda",
+        [](uintptr_t x, index_t B, index_t n, index_t d, index_t k, uintptr_t out,
+           uintptr_t ws, uintptr_t stream) {
+          py::gil_scoped_release nogil;
+          sp::lof_cuda((const float*)x, B, n, d, k, (float*)out, (float*)ws, stream);
+        });
+  m.def("kcenter_cuda_workspace_floats", &sp::kcenter_cuda_workspace_floats);
+  m.def("kcenter_greedy_cuda",
+        [](uintptr_t x, index_t n, index_t d, index_t mm, index_t start, uintptr_t anchors,
+           index_t na, uintptr_t w, uintptr_t out, int dtype, uintptr_t ws, uintptr_t stream) {
+          py::gil_scoped_release nogil;
+          sp::kcenter_greedy_cuda((const void*)x, n, d, mm, start, (const index_t*)anchors, na,
+                                  (const float*)w, (index_t*)out, sp::DType(dtype),
+                                  (float*)ws, stream);
+        });
+#endif
+}

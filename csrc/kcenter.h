@@ -1,0 +1,48 @@
+// kcenter_greedy: greedy k-center (farthest-point) coreset selection.
+//
+// x [n, d] float32 C-contiguous; out_idx [m] int64, in selection order.
+// sample_weight [n] float32 (>= 0) or nullptr (all ones). A point's priority
+// is sample_weight[i] * mindist[i], where mindist[i] is its Euclidean distance
+// to the nearest selected centre; each step selects the point of largest
+// priority (ties -> lowest index), then lowers every mindist by the distance
+// to the new centre. Points of weight 0 are never selected.
+//
+// Exact variant: the first centre is `start`; identical indices to the naive
+// O(n*m*d) loop. Pruning may skip only work that provably cannot change a
+// mindist (triangle inequality / partial-distance early exit), so results are
+// the same as the naive loop's.
+//
+// Approximate variant (PatchCore's ApproximateGreedyCoresetSampler): the
+// initial mindist of every point is its mean distance to the `n_anchors`
+// points `anchors` (chosen at random by the caller); the first centre is the
+// argmax of weight * that value, and the loop continues as above.
+//
+// Contract (checked by the Python wrapper): 1 <= m <= number of points with
+// weight > 0; 0 <= start < n with sample_weight[start] > 0.
+#pragma once
+#include "common.h"
+
+namespace sp {
+
+void kcenter_greedy_cpu(const float* x, index_t n, index_t d, index_t m,
+                        index_t start, const float* sample_weight,
+                        index_t* out_idx);
+
+void kcenter_greedy_approx_cpu(const float* x, index_t n, index_t d, index_t m,
+                               const index_t* anchors, index_t n_anchors,
+                               const float* sample_weight, index_t* out_idx);
+
+#ifdef SOFTPATCH_WITH_CUDA
+// x: device pointer of `dtype` (F16 keeps the features half-size, e.g. so that
+// 300k x 128 fits in L2). start < 0 means "approximate variant": `anchors`
+// (device int64 [n_anchors]) seed the initial distances. workspace: float32
+// device buffer of kcenter_cuda_workspace_floats(n) elements.
+index_t kcenter_cuda_workspace_floats(index_t n);
+void kcenter_greedy_cuda(const void* x, index_t n, index_t d, index_t m,
+                         index_t start, const index_t* anchors,
+                         index_t n_anchors, const float* sample_weight,
+                         index_t* out_idx, DType dtype, float* workspace,
+                         stream_t stream);
+#endif
+
+}  // namespace sp

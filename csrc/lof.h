@@ -1,0 +1,31 @@
+// lof: local outlier factor of every sample within each of B independent groups
+// (SoftPatch: one group per patch position, the samples are the N images).
+//
+// Shapes: x [B, n, d] float32 C-contiguous, out [B, n] float32.
+// Per group, with neighbours N_k(a) = the k nearest *other* samples (self
+// excluded by index, so a duplicate of `a` is a neighbour at distance 0; ties
+// broken by the lower index), Euclidean distances:
+//   kdist(b)     = distance from b to its k-th neighbour
+//   reach(a, b)  = max(kdist(b), ||a - b||)
+//   lrd(a)       = 1 / (mean_{b in N_k(a)} reach(a, b) + 1e-10)
+//   out[a]       = mean_{b in N_k(a)} lrd(b) / lrd(a)
+// This equals -LocalOutlierFactor(n_neighbors=k).negative_outlier_factor_ of
+// scikit-learn (same 1e-10 guard, so duplicates give finite values).
+// Contract: n >= 2 and 1 <= k <= n - 1 (the Python wrapper clamps k like
+// scikit-learn and handles n == 1).
+#pragma once
+#include "common.h"
+
+namespace sp {
+
+void lof_cpu(const float* x, index_t B, index_t n, index_t d, index_t k,
+             float* out);
+
+#ifdef SOFTPATCH_WITH_CUDA
+// workspace: float32 device buffer of lof_cuda_workspace_floats(B, n, k) elements.
+index_t lof_cuda_workspace_floats(index_t B, index_t n, index_t k);
+void lof_cuda(const float* x, index_t B, index_t n, index_t d, index_t k,
+              float* out, float* workspace, stream_t stream);
+#endif
+
+}  // namespace sp

@@ -1,0 +1,39 @@
+"""softpatch_cuda: SoftPatch / SoftPatch+ fully unsupervised anomaly detection.
+
+Hot paths (pairwise distances, k-NN with soft weights, LOF, greedy k-center
+coreset) are C++ (OpenMP) and CUDA kernels in the compiled module ``_core``;
+see :mod:`softpatch_cuda.ops`.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from . import _core, ops
+from ._core import CudaError
+from .runtime import cuda_available, cuda_unavailable_reason, resolve_device
+
+try:
+    __version__ = _metadata.version("softpatch-cuda")
+except _metadata.PackageNotFoundError:  # running from a source tree (developer build)
+    __version__ = _core.build_info()["version"]
+
+
+def build_info() -> dict:
+    """What the compiled module was built with: version, CUDA (yes/no, version,
+    architectures), compiler, OpenMP -- plus whether CUDA is usable right now."""
+    info = dict(_core.build_info())
+    info["cuda_available"] = cuda_available()
+    info["cuda_unavailable_reason"] = cuda_unavailable_reason()
+    return info
+
+
+__all__ = [
+    "CudaError",
+    "__version__",
+    "build_info",
+    "cuda_available",
+    "cuda_unavailable_reason",
+    "ops",
+    "resolve_device",
+]

@@ -11,6 +11,7 @@
 //  2. lof_lrd_kernel: one thread per sample, lrd from its k neighbours
 //     (double accumulation, 1e-10 guard as scikit-learn / the CPU kernel).
 //  3. lof_score_kernel: one thread per sample, mean lrd ratio.
+// (Step 1 is launched once per 65535 groups, the gridDim.y limit.)
 // Workspace (float32 units): lrd as double [B*n] | neighbour distances
 // [B*n*k] | neighbour indices (int32) [B*n*k].
 #include <algorithm>
@@ -27,12 +28,12 @@ namespace {
 constexpr const char* kOp = "lof";
 
 __global__ void __launch_bounds__(cuda::kTileThreads)
-lof_knn_kernel(const float* __restrict__ x, index_t n, index_t d, int k, float* __restrict__ nbr_d,
-               int* __restrict__ nbr_i) {
+lof_knn_kernel(const float* __restrict__ x, index_t n, index_t d, int k, index_t group0,
+               float* __restrict__ nbr_d, int* __restrict__ nbr_i) {
   using namespace cuda;
   __shared__ TileSmem<kExact> sm;
   const int tid = threadIdx.x;
-  const index_t g = blockIdx.y;
+  const index_t g = group0 + blockIdx.y;
   const index_t r0 = index_t(blockIdx.x) * kTile;
   const int rows_a = int(std::min<index_t>(kTile, n - r0));
   const float* X = x + g * n * d;
@@ -91,7 +92,6 @@ void lof_cuda(const float* x, index_t B, index_t n, index_t d, index_t k, float*
   SP_CHECK_ARG(B >= 1 && d >= 1, "lof: empty input");
   SP_CHECK_ARG(n >= 2 && k >= 1 && k <= n - 1, "lof: need n >= 2 and 1 <= k <= n - 1");
   SP_CHECK_ARG(n < std::numeric_limits<int>::max(), "lof: too many samples per group for CUDA");
-  SP_CHECK_ARG(B <= 65535, "lof: at most 65535 groups per call on CUDA");
   using namespace cuda;
   const cudaStream_t s = to_stream(stream);
   const index_t total = B * n;
@@ -100,9 +100,12 @@ void lof_cuda(const float* x, index_t B, index_t n, index_t d, index_t k, float*
   int* nbr_i = reinterpret_cast<int*>(nbr_d + total * k);
 
   const index_t tiles = (n + kTile - 1) / kTile;
-  const dim3 grid{unsigned(tiles), unsigned(B), 1u};
-  lof_knn_kernel<<<grid, kTileThreads, 0, s>>>(x, n, d, int(k), nbr_d, nbr_i);
-  SP_CUDA_LAUNCH_CHECK(kOp, lof_knn_kernel);
+  SP_CHECK_ARG(tiles <= 0x7fffffff, "lof: too many samples per group for CUDA");
+  for (index_t g0 = 0; g0 < B; g0 += 65535) {  // gridDim.y limit
+    const dim3 grid{unsigned(tiles), unsigned(std::min<index_t>(65535, B - g0)), 1u};
+    lof_knn_kernel<<<grid, kTileThreads, 0, s>>>(x, n, d, int(k), g0, nbr_d, nbr_i);
+    SP_CUDA_LAUNCH_CHECK(kOp, lof_knn_kernel);
+  }
 
   const int threads = 256;
   const index_t blocks = (total + threads - 1) / threads;

@@ -1,19 +1,28 @@
 // kcenter_greedy on CUDA: the whole greedy loop stays on the device.
 //
-// Work decomposition: one launch of kcenter_step_kernel per selected centre,
-// all queued on the caller's stream with no host synchronisation. Step s reads
-// its centre from out_idx[s] (device memory), stages that row in shared
-// memory, and a grid-stride loop gives one warp per point: the warp computes
-// the point's Euclidean distance to the centre (16-byte vector loads when
-// rows are 16-byte aligned), lowers mindist and tracks the best priority
-// w * mindist (ties -> lower index, weight 0 never eligible). Each block
-// reduces to one (priority, index) partial; the last block to finish (atomic
-// ticket after a __threadfence) reduces the partials and writes the argmax to
-// out_idx[s + 1], which the next launch reads. The approximate variant runs
-// one extra "seed" step that sets mindist to the mean anchor distance and
-// writes out_idx[0]; the exact variant's init kernel writes out_idx[0] = start.
-// Workspace (float32 units): mindist [n] | partial priorities [kMaxBlocks] |
-// partial indices (int64) [2 * kMaxBlocks] | ticket counter.
+// Work decomposition: per selected centre c_s (s = 0 .. m-2) two launches are
+// queued on the caller's stream, with no host synchronisation:
+//  1. kcenter_centre_dist_kernel (s >= 1): one warp per earlier centre j < s
+//     writes cc[j] = |c_j - c_s|.
+//  2. kcenter_step_kernel: reads c_s from out_idx[s] (device memory) and
+//     stages that row in shared memory; a grid-stride loop gives each warp 32
+//     points, one per lane for the cheap checks. A point whose nearest centre
+//     so far is c_a (assign[i] = a) cannot get closer to c_s when
+//     cc[a] >= 2 * mindist[i] (triangle inequality), so its row is not read at
+//     all (a 0.1% margin covers float rounding). The remaining points get the
+//     exact distance, computed by the whole warp one point at a time (16-byte
+//     vector loads when rows are 16-byte aligned), and update mindist/assign.
+//     Points of weight 0 are never updated (they can never be selected). Each
+//     lane tracks the best priority w * mindist (ties -> lower index), each
+//     block reduces to one partial, and the last block to finish (atomic
+//     ticket after a __threadfence) reduces the partials and writes the argmax
+//     to out_idx[s + 1], which the next step's launches read.
+// The approximate variant runs one extra "seed" step that sets mindist to the
+// mean anchor distance (assign = -1: no centre yet, never pruned) and writes
+// out_idx[0]; the exact variant's init kernel writes out_idx[0] = start.
+// Workspace (float32 units): mindist [n] | assign (int32) [n] | cc [n] |
+// pad | partial priorities [kMaxBlocks] | partial indices (int64)
+// [2 * kMaxBlocks] | ticket counter.
 #include <algorithm>
 
 #include "cuda_utils.cuh"
@@ -28,6 +37,8 @@ constexpr index_t kMaxBlocks = 4096;
 
 struct Workspace {
   float* mind;
+  int* assign;
+  float* cc;
   float* part_v;
   int64_t* part_i;
   unsigned int* ticket;
@@ -36,8 +47,10 @@ struct Workspace {
 Workspace carve(float* ws, index_t n) {
   Workspace w;
   w.mind = ws;
+  w.assign = reinterpret_cast<int*>(ws + n);
+  w.cc = ws + 2 * n;
   // Keep the int64 partials 8-byte aligned whatever n is.
-  const index_t off_v = n + (n & 1);
+  const index_t off_v = 3 * n + (n & 1);
   w.part_v = ws + off_v;
   w.part_i = reinterpret_cast<int64_t*>(ws + off_v + kMaxBlocks);
   w.ticket = reinterpret_cast<unsigned int*>(ws + off_v + 3 * kMaxBlocks);
@@ -74,13 +87,29 @@ __device__ __forceinline__ float warp_sqdist(const T* __restrict__ xi, const T* 
   return cuda::warp_sum(s);
 }
 
-__global__ void kcenter_init_kernel(float* __restrict__ mind, index_t n, index_t start,
-                                    index_t* __restrict__ out_idx, unsigned int* __restrict__ ticket) {
+__global__ void kcenter_init_kernel(Workspace ws, index_t n, index_t start, index_t* __restrict__ out_idx) {
   const index_t stride = index_t(gridDim.x) * blockDim.x;
-  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) mind[i] = INFINITY;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    ws.mind[i] = INFINITY;
+    ws.assign[i] = -1;
+  }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     if (start >= 0) out_idx[0] = start;
-    *ticket = 0u;
+    *ws.ticket = 0u;
+  }
+}
+
+// cc[j] = |x[out_idx[j]] - x[out_idx[step]]| for j < step; one warp per j.
+template <class T, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+kcenter_centre_dist_kernel(const T* __restrict__ x, index_t d, const index_t* __restrict__ out_idx,
+                           index_t step, float* __restrict__ cc) {
+  const int lane = threadIdx.x & 31;
+  const T* c = x + out_idx[step] * d;
+  const index_t warps_total = index_t(gridDim.x) * (kThreads / 32);
+  for (index_t j = index_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5); j < step; j += warps_total) {
+    const float v = sqrtf(warp_sqdist<T, VEC>(x + out_idx[j] * d, c, d, lane));
+    if (lane == 0) cc[j] = v;
   }
 }
 
@@ -100,29 +129,51 @@ kcenter_step_kernel(const T* __restrict__ x, index_t n, index_t d, const float* 
     for (index_t t = threadIdx.x; t < d; t += blockDim.x) centre[t] = src[t];
     __syncthreads();
   }
-  float best_v = -INFINITY;
+  float best_v = -INFINITY;  // per lane: best priority among the lane's points
   int64_t best_i = -1;
   const index_t warps_total = index_t(gridDim.x) * (kThreads / 32);
-  for (index_t i = index_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5); i < n; i += warps_total) {
-    const T* xi = x + i * d;
-    float v;
-    if constexpr (SEED) {
-      double sum = 0.0;
-      for (int a = 0; a < n_anchors; ++a)
-        sum += sqrtf(warp_sqdist<T, VEC>(xi, x + anchors[a] * d, d, lane));
-      v = float(sum / n_anchors);
-    } else {
-      v = sqrtf(warp_sqdist<T, VEC>(xi, centre, d, lane));
-    }
-    if (lane == 0) {
-      float md = v;
-      if constexpr (!SEED) md = fminf(ws.mind[i], v);  // v < mind ? v : mind
-      ws.mind[i] = md;
-      const float wi = weight ? weight[i] : 1.f;
-      if (wi > 0.f) {
-        const float p = wi * md;
-        if (best_i < 0 || cuda::argmax_better(p, i, best_v, best_i)) { best_v = p; best_i = i; }
+  const index_t warp_id = index_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  // Each lane checks one point cheaply (coalesced loads); the warp then computes
+  // the distances of the points that survive, one at a time, with all lanes.
+  for (index_t base = warp_id * 32; base < n; base += warps_total * 32) {
+    const index_t i = base + lane;
+    const float wi = i < n ? (weight ? weight[i] : 1.f) : 0.f;
+    const bool eligible = wi > 0.f;  // weight 0: never selectable, mindist irrelevant
+    float md = INFINITY;
+    bool need = eligible;
+    if constexpr (!SEED) {
+      if (eligible) {
+        md = ws.mind[i];
+        const int a = ws.assign[i];
+        // Triangle inequality: |x_i - c_s| >= cc[a] - md >= md, so no update
+        // (the 0.1% margin covers the rounding of the three distances).
+        need = !(a >= 0 && ws.cc[a] >= 2.002f * md);
       }
+    }
+    unsigned int pending = __ballot_sync(0xffffffffu, need);
+    while (pending) {
+      const int src = __ffs(int(pending)) - 1;
+      pending &= pending - 1;
+      const T* xj = x + (base + src) * d;
+      if constexpr (SEED) {
+        double sum = 0.0;
+        for (int a = 0; a < n_anchors; ++a) sum += sqrtf(warp_sqdist<T, VEC>(xj, x + anchors[a] * d, d, lane));
+        if (lane == src) {
+          md = float(sum / n_anchors);
+          ws.mind[i] = md;
+        }
+      } else {
+        const float v = sqrtf(warp_sqdist<T, VEC>(xj, centre, d, lane));
+        if (lane == src && v < md) {
+          md = v;
+          ws.mind[i] = v;
+          ws.assign[i] = int(step);
+        }
+      }
+    }
+    if (eligible) {
+      const float p = wi * md;
+      if (best_i < 0 || cuda::argmax_better(p, i, best_v, best_i)) { best_v = p; best_i = i; }
     }
   }
   cuda::block_argmax(best_v, best_i);
@@ -161,6 +212,7 @@ void run(const T* x, index_t n, index_t d, index_t m, index_t start, const index
   const size_t smem = size_t(d) * sizeof(T);
 
   auto step_kernel = vec ? kcenter_step_kernel<T, true, false> : kcenter_step_kernel<T, false, false>;
+  auto cc_kernel = vec ? kcenter_centre_dist_kernel<T, true> : kcenter_centre_dist_kernel<T, false>;
   auto seed_kernel = vec ? kcenter_step_kernel<T, true, true> : kcenter_step_kernel<T, false, true>;
   cuda::set_dynamic_smem(kOp, step_kernel, smem);
 
@@ -169,11 +221,11 @@ void run(const T* x, index_t n, index_t d, index_t m, index_t start, const index
   SP_CUDA_CHECK(kOp, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   SP_CUDA_CHECK(kOp, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel, kThreads, smem));
   index_t blocks = index_t(std::max(1, per_sm)) * sms;
-  blocks = std::min({blocks, kMaxBlocks, (n + kThreads / 32 - 1) / (kThreads / 32)});
+  blocks = std::min({blocks, kMaxBlocks, (n + kThreads - 1) / kThreads});  // 32 points per warp
   blocks = std::max<index_t>(1, blocks);
 
   const index_t init_blocks = std::min<index_t>((n + kThreads - 1) / kThreads, 65535);
-  kcenter_init_kernel<<<unsigned(init_blocks), kThreads, 0, s>>>(ws.mind, n, start, out_idx, ws.ticket);
+  kcenter_init_kernel<<<unsigned(init_blocks), kThreads, 0, s>>>(ws, n, start, out_idx);
   SP_CUDA_LAUNCH_CHECK(kOp, kcenter_init_kernel);
   if (start < 0) {
     seed_kernel<<<unsigned(blocks), kThreads, 0, s>>>(x, n, d, weight, anchors, int(n_anchors), out_idx,
@@ -181,6 +233,11 @@ void run(const T* x, index_t n, index_t d, index_t m, index_t start, const index
     SP_CUDA_LAUNCH_CHECK(kOp, kcenter_step_kernel<seed>);
   }
   for (index_t step = 0; step + 1 < m; ++step) {
+    if (step > 0) {
+      const index_t cc_blocks = std::min<index_t>((step + kThreads / 32 - 1) / (kThreads / 32), blocks);
+      cc_kernel<<<unsigned(cc_blocks), kThreads, 0, s>>>(x, d, out_idx, step, ws.cc);
+      SP_CUDA_LAUNCH_CHECK(kOp, kcenter_centre_dist_kernel);
+    }
     step_kernel<<<unsigned(blocks), kThreads, smem, s>>>(x, n, d, weight, anchors, int(n_anchors), out_idx,
                                                          step, ws);
     // Only a launch-configuration failure can show up here (no host sync).
@@ -190,12 +247,13 @@ void run(const T* x, index_t n, index_t d, index_t m, index_t start, const index
 
 }  // namespace
 
-index_t kcenter_cuda_workspace_floats(index_t n) { return n + 1 + 3 * kMaxBlocks + 2; }
+index_t kcenter_cuda_workspace_floats(index_t n) { return 3 * n + 1 + 3 * kMaxBlocks + 2; }
 
 void kcenter_greedy_cuda(const void* x, index_t n, index_t d, index_t m, index_t start,
                          const index_t* anchors, index_t n_anchors, const float* sample_weight,
                          index_t* out_idx, DType dtype, float* workspace, stream_t stream) {
   SP_CHECK_ARG(n >= 1 && d >= 1, "kcenter_greedy: empty input");
+  SP_CHECK_ARG(m < 0x7fffffff, "kcenter_greedy: m too large for CUDA");
   SP_CHECK_ARG(m >= 1 && m <= n, "kcenter_greedy: need 1 <= m <= n");
   SP_CHECK_ARG(start < n, "kcenter_greedy: start must be < n");
   SP_CHECK_ARG(start >= 0 || (anchors != nullptr && n_anchors >= 1 && n_anchors <= 0x7fffffff),

@@ -8,7 +8,8 @@
 //   kTF32 : WMMA m16n16k8 TF32 tensor cores compute a.b, then
 //           ||a||^2 + ||b||^2 - 2 a.b, clamped at 0;
 //   kHalf : WMMA m16n16k16 FP16 tensor cores (FP32 accumulation), same epilogue.
-// Each of the 4 warps owns a 32 x 32 quarter (2 x 2 WMMA fragments).
+// Each of the 4 warps owns a 32 x 32 quarter (2 x 2 WMMA fragments). Slices
+// are staged with 16-byte loads when rows are 16-byte aligned.
 // The norms either come precomputed in sm.na / sm.nb (knn) or are accumulated
 // from the staged slices (pairwise, accumulate_norms = true), so they are
 // computed from exactly the values the tensor cores saw.
@@ -63,10 +64,31 @@ __device__ __forceinline__ typename TileTraits<MODE>::S stage_value(T v) {
 }
 
 // Stages rows [0, rows) x features [k0, k0 + kSlice) of `src` (row stride d) into dst.
+// vec: every row of src is 16-byte aligned and d * sizeof(T) % 16 == 0, so
+// 16-byte loads never straddle the end of a row.
 template <int MODE, class T>
 __device__ __forceinline__ void stage_slice(typename TileTraits<MODE>::S (*dst)[TileTraits<MODE>::ld],
-                                            const T* __restrict__ src, int rows, index_t d, index_t k0) {
+                                            const T* __restrict__ src, int rows, index_t d, index_t k0,
+                                            bool vec) {
   using S = typename TileTraits<MODE>::S;
+  if (vec) {
+    constexpr int per = 16 / sizeof(T);         // elements per 16-byte load
+    constexpr int vecs_per_row = kSlice / per;  // 4 (half) or 8 (float)
+    for (int e = threadIdx.x; e < kTile * vecs_per_row; e += kTileThreads) {
+      const int r = e / vecs_per_row, c = (e % vecs_per_row) * per;
+      const index_t k = k0 + c;
+      uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows && k < d) raw = __ldg(reinterpret_cast<const uint4*>(src + index_t(r) * d + k));
+      const T* vals = reinterpret_cast<const T*>(&raw);
+      if constexpr (MODE == kHalf) {
+        *reinterpret_cast<uint4*>(&dst[r][c]) = raw;  // ld * 2 bytes and c * 2 are multiples of 16
+      } else {
+#pragma unroll
+        for (int t = 0; t < per; ++t) dst[r][c + t] = stage_value<MODE>(vals[t]);
+      }
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < kTile * kSlice; e += kTileThreads) {
     const int r = e / kSlice, c = e % kSlice;
     const index_t k = k0 + c;
@@ -84,6 +106,8 @@ template <int MODE, bool ACC_NORMS, class T>
 __device__ void distance_tile(const T* __restrict__ A, int rows_a, const T* __restrict__ B, int rows_b,
                               index_t d, TileSmem<MODE>& sm) {
   const int tid = threadIdx.x;
+  const bool vec = (d * index_t(sizeof(T))) % 16 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(B) % 16 == 0;
   if constexpr (MODE == kExact) {
     const int ty = tid >> 4, tx = tid & 15;  // rows ty + 8 r, columns tx + 16 c
     float acc[8][4];
@@ -92,8 +116,8 @@ __device__ void distance_tile(const T* __restrict__ A, int rows_a, const T* __re
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
     for (index_t k0 = 0; k0 < d; k0 += kSlice) {
-      stage_slice<MODE>(sm.a, A, rows_a, d, k0);
-      stage_slice<MODE>(sm.b, B, rows_b, d, k0);
+      stage_slice<MODE>(sm.a, A, rows_a, d, k0, vec);
+      stage_slice<MODE>(sm.b, B, rows_b, d, k0, vec);
       __syncthreads();
 #pragma unroll 4
       for (int kk = 0; kk < kSlice; ++kk) {
@@ -134,8 +158,8 @@ __device__ void distance_tile(const T* __restrict__ A, int rows_a, const T* __re
     const int wr = (warp >> 1) * 32, wc = (warp & 1) * 32;
     float norm = 0.f;  // ACC_NORMS: thread t < 64 sums row t of A, t >= 64 row t-64 of B
     for (index_t k0 = 0; k0 < d; k0 += kSlice) {
-      stage_slice<MODE>(sm.a, A, rows_a, d, k0);
-      stage_slice<MODE>(sm.b, B, rows_b, d, k0);
+      stage_slice<MODE>(sm.a, A, rows_a, d, k0, vec);
+      stage_slice<MODE>(sm.b, B, rows_b, d, k0, vec);
       __syncthreads();
       if constexpr (ACC_NORMS) {
         const S* row = tid < kTile ? sm.a[tid] : sm.b[tid - kTile];

@@ -10,8 +10,9 @@
 //     so far is c_a (assign[i] = a) cannot get closer to c_s when
 //     cc[a] >= 2 * mindist[i] (triangle inequality), so its row is not read at
 //     all (a 0.1% margin covers float rounding). The remaining points get the
-//     exact distance, computed by the whole warp one point at a time (16-byte
-//     vector loads when rows are 16-byte aligned), and update mindist/assign.
+//     exact distance, computed by the whole warp for up to 4 points at once
+//     (their loads in flight together; 16-byte vector loads when rows are
+//     16-byte aligned), and update mindist / assign.
 //     Points of weight 0 are never updated (they can never be selected). Each
 //     lane tracks the best priority w * mindist (ties -> lower index), each
 //     block reduces to one partial, and the last block to finish (atomic
@@ -34,6 +35,7 @@ namespace {
 constexpr const char* kOp = "kcenter_greedy";
 constexpr int kThreads = 256;
 constexpr index_t kMaxBlocks = 4096;
+constexpr int kBatch = 4;  // surviving points whose rows one warp loads together
 
 struct Workspace {
   float* mind;
@@ -85,6 +87,52 @@ __device__ __forceinline__ float warp_sqdist(const T* __restrict__ xi, const T* 
     }
   }
   return cuda::warp_sum(s);
+}
+
+// Squared distances of up to N rows (rows[0 .. cnt), cnt warp-uniform) to `c`,
+// by one warp: the rows' loads are issued together so N memory requests are in
+// flight per lane instead of one. out[u] is valid on every lane for u < cnt.
+template <class T, bool VEC, int N>
+__device__ __forceinline__ void warp_sqdist_multi(const T* const (&rows)[N], int cnt, const T* c, index_t d,
+                                                  int lane, float (&out)[N]) {
+#pragma unroll
+  for (int u = 0; u < N; ++u) out[u] = 0.f;
+  if constexpr (VEC) {
+    constexpr int per = 16 / sizeof(T);
+    const index_t nvec = d / per;
+    const uint4* cv = reinterpret_cast<const uint4*>(c);
+    for (index_t v = lane; v < nvec; v += 32) {
+      uint4 a[N];
+#pragma unroll
+      for (int u = 0; u < N; ++u)
+        if (u < cnt) a[u] = __ldg(reinterpret_cast<const uint4*>(rows[u]) + v);
+      const uint4 b = cv[v];
+      const T* pb = reinterpret_cast<const T*>(&b);
+#pragma unroll
+      for (int u = 0; u < N; ++u) {
+        if (u >= cnt) continue;
+        const T* pa = reinterpret_cast<const T*>(&a[u]);
+#pragma unroll
+        for (int e = 0; e < per; ++e) {
+          const float t = cuda::to_float(pa[e]) - cuda::to_float(pb[e]);
+          out[u] = fmaf(t, t, out[u]);
+        }
+      }
+    }
+  } else {
+    for (index_t t = lane; t < d; t += 32) {
+      const float cf = cuda::to_float(c[t]);
+#pragma unroll
+      for (int u = 0; u < N; ++u) {
+        if (u >= cnt) continue;
+        const float diff = cuda::to_float(rows[u][t]) - cf;
+        out[u] = fmaf(diff, diff, out[u]);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < N; ++u)
+    if (u < cnt) out[u] = cuda::warp_sum(out[u]);
 }
 
 __global__ void kcenter_init_kernel(Workspace ws, index_t n, index_t start, index_t* __restrict__ out_idx) {
@@ -163,11 +211,33 @@ kcenter_step_kernel(const T* __restrict__ x, index_t n, index_t d, const float* 
           ws.mind[i] = md;
         }
       } else {
-        const float v = sqrtf(warp_sqdist<T, VEC>(xj, centre, d, lane));
-        if (lane == src && v < md) {
-          md = v;
-          ws.mind[i] = v;
-          ws.assign[i] = int(step);
+        // Up to kBatch surviving points at once (more loads in flight).
+        int srcs[kBatch];
+        const T* rows[kBatch];
+        srcs[0] = src;
+        rows[0] = xj;
+        int cnt = 1;
+#pragma unroll
+        for (int u = 1; u < kBatch; ++u) {
+          srcs[u] = -1;
+          rows[u] = xj;
+          if (pending) {
+            srcs[u] = __ffs(int(pending)) - 1;
+            pending &= pending - 1;
+            rows[u] = x + (base + srcs[u]) * d;
+            cnt = u + 1;
+          }
+        }
+        float sq[kBatch];
+        warp_sqdist_multi<T, VEC, kBatch>(rows, cnt, centre, d, lane, sq);
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const float v = sqrtf(sq[u]);
+          if (u < cnt && lane == srcs[u] && v < md) {
+            md = v;
+            ws.mind[i] = v;
+            ws.assign[i] = int(step);
+          }
         }
       }
     }

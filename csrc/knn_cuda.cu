@@ -8,10 +8,11 @@
 //  2. knn_tile_kernel: grid = (query tiles of 64, bank splits). A 128-thread
 //     block keeps its 64 queries fixed and walks the 64-row bank tiles of its
 //     split; each tile of squared distances is computed into shared memory by
-//     distance_tile() (exact FP32 / TF32 / FP16 WMMA) and then threads 0..63
-//     (one per query) push the 64 candidates into their running top-k: a
-//     register (value, index) pair for k = 1, a sorted list in shared memory
-//     for 1 < k <= 64. The bank is split over several blocks only when there
+//     distance_tile() (exact FP32 / TF32 / FP16 WMMA) and then pushed into
+//     per-query running top-k: for k = 1 a register (value, index) pair in
+//     two threads per query (each takes half the columns; merged at the
+//     end), for 1 < k <= 64 a sorted list in shared memory owned by one of
+//     threads 0..63. The bank is split over several blocks only when there
 //     are too few query tiles to fill the GPU; then every block writes its
 //     partial top-k to the workspace and
 //  3. knn_merge_kernel (one thread per query) merges the partial lists into
@@ -121,7 +122,12 @@ knn_tile_kernel(const T* __restrict__ queries, index_t q, const T* __restrict__ 
     }
   }
 
-  const bool selector = tid < rows_a;  // threads 0..63 own one query each
+  // k > 1: threads 0..63 own one query each (list in shared memory).
+  // k = 1: threads t and t + 64 share query t, each scanning half of every
+  // tile, and are merged at the end.
+  const int sel_q = K1 ? (tid & (kTile - 1)) : tid;
+  const int sel_half = K1 ? (tid >> 6) : 0;
+  const bool selector = K1 ? sel_q < rows_a : tid < rows_a;
   TopOne top1;
   TopK<int> topk(list_d + tid, list_i + tid, kTile, k);
 
@@ -135,16 +141,33 @@ knn_tile_kernel(const T* __restrict__ queries, index_t q, const T* __restrict__ 
     if (selector) {
       // Rotated column order: conflict-free shared-memory reads; the top-k
       // applies the index tie rule explicitly, so the order does not matter.
-      for (int c = 0; c < kTile; ++c) {
-        const int cc = (c + tid) & (kTile - 1);
-        if (cc >= rows_b) continue;
-        const float v = sm.c[tid][cc];
-        if constexpr (K1) top1.push(v, c0 + cc);
-        else topk.push(v, c0 + cc);
+      if constexpr (K1) {
+        for (int c = 0; c < kTile / 2; ++c) {
+          const int cc = sel_half * (kTile / 2) + ((c + sel_q) & (kTile / 2 - 1));
+          if (cc < rows_b) top1.push(sm.c[sel_q][cc], c0 + cc);
+        }
+      } else {
+        for (int c = 0; c < kTile; ++c) {
+          const int cc = (c + tid) & (kTile - 1);
+          if (cc < rows_b) topk.push(sm.c[tid][cc], c0 + cc);
+        }
       }
     }
   }
 
+  if constexpr (K1) {
+    // Merge the two halves: thread t + 64 hands its candidate to thread t.
+    __syncthreads();  // everyone is done reading sm.c
+    float* other_v = &sm.c[0][0];
+    int64_t* other_i = reinterpret_cast<int64_t*>(&sm.c[8][0]);  // 64 x 8 bytes, 32-byte aligned
+    if (sel_half == 1) {
+      other_v[sel_q] = top1.best;
+      other_i[sel_q] = top1.idx;
+    }
+    __syncthreads();
+    if (sel_half == 1) return;
+    if (selector && other_i[sel_q] >= 0) top1.push(other_v[sel_q], other_i[sel_q]);
+  }
   if (!selector) return;
   const index_t qi = q0 + tid;
   if (splits == 1) {

@@ -58,11 +58,13 @@ class Bench:
         return torch.from_numpy(x).to(self.device)
 
     def measure(self, op: str, case: str, impl: str, params: dict, fn: Callable[[], Any], work: float,
-                note: str = "") -> tuple[H.Record, Any]:
-        """Time ``fn``; skip it when the cost model predicts one run > budget."""
+                note: str = "", skippable: bool = True, max_repeats: int | None = None) -> tuple[H.Record, Any]:
+        """Time ``fn``: one first run (the warm-up, and the cost probe), then repeats while they fit
+        in half the budget. A skippable (baseline) call is skipped when the cost model, fed by a
+        smaller case of the same implementation, predicts one run > budget. Ours is never skipped."""
         key = (op, impl)
         rec = H.Record(op=op, case=case, impl=impl, params=params, device=self.device, note=note)
-        if key in self.cost_per_unit:
+        if skippable and key in self.cost_per_unit:
             predicted = self.cost_per_unit[key] * work
             if predicted > self.budget_s:
                 rec.status = "skipped"
@@ -78,8 +80,8 @@ class Bench:
             self.records.append(rec)
             return rec, None
         self.cost_per_unit[key] = t_first / max(work, 1e-12)
-        n_rep = max(1, min(self.repeats, int(self.budget_s / max(t_first, 1e-9))))
-        if t_first > self.budget_s / 2 or self.repeats == 1 and t_first > 1.0:
+        n_rep = max(1, min(self.repeats, max_repeats or self.repeats, int(0.5 * self.budget_s / max(t_first, 1e-9))))
+        if t_first > self.budget_s / 4 or max_repeats == 1 or (self.repeats == 1 and t_first > 1.0):
             timing = H.summarise([t_first])  # the first run is the measurement; no time for more
             rec.note = (rec.note + "; " if rec.note else "") + "single run (no warm-up)"
         else:
@@ -187,7 +189,8 @@ def bench_knn(b: Bench) -> None:
         work = q * m * d
         flops = 2.0 * q * m * d
         Q, Bk, W = b.to_dev(queries), b.to_dev(bank), None if w is None else b.to_dev(w)
-        ours, res = b.measure("knn", case, "softpatch_cuda", params, lambda: ops.knn(Q, Bk, k, W), work)
+        ours, res = b.measure("knn", case, "softpatch_cuda", params, lambda: ops.knn(Q, Bk, k, W), work,
+                               skippable=False)
         b.add_throughput(ours, flops=flops)
         baselines = []
         tq, tb, tw = b.to_torch(queries), b.to_torch(bank), None if w is None else b.to_torch(w)
@@ -239,7 +242,8 @@ def bench_pairwise(b: Bench) -> None:
         work = batch * n * m * d
         flops = 2.0 * work
         A, C = b.to_dev(a), b.to_dev(c)
-        ours, res = b.measure("pairwise_sqdist", case, "softpatch_cuda", params, lambda: ops.pairwise_sqdist(A, C), work)
+        ours, res = b.measure("pairwise_sqdist", case, "softpatch_cuda", params, lambda: ops.pairwise_sqdist(A, C), work,
+                               skippable=False)
         b.add_throughput(ours, flops=flops)
         ta, tc = b.to_torch(a), b.to_torch(c)
         baselines = []
@@ -279,16 +283,17 @@ def bench_lof(b: Bench) -> None:
         case = f"B={batch} n={n} d={d} k={k}"
         params = {"B": batch, "n": n, "d": d, "k": k}
         X = b.to_dev(x)
-        ours, res = b.measure("lof", case, "softpatch_cuda", params, lambda: ops.lof(X, k), batch * n * n * d)
+        ours, res = b.measure("lof", case, "softpatch_cuda", params, lambda: ops.lof(X, k), batch * n * n * d,
+                               skippable=False)
         # sklearn is timed on a subset of positions when the full loop would exceed the budget.
         _sklearn_lof_loop(x[:1], k)  # import + first-call overheads out of the probe
         n_probe = min(4, batch)
         t_probe, _ = H.time_once(lambda: _sklearn_lof_loop(x[:n_probe], k))
         per_pos = t_probe / n_probe
-        n_pos = batch if per_pos * batch <= b.budget_s else max(4, int(b.budget_s / per_pos))
+        n_pos = batch if per_pos * batch <= b.budget_s / 2 else max(4, int(b.budget_s / 2 / per_pos))
         sub = x[:n_pos]
         rec, ref = b.measure("lof", case, "sklearn LocalOutlierFactor loop", dict(params, positions_timed=n_pos),
-                             lambda: _sklearn_lof_loop(sub, k), n_pos * n * n * d)
+                             lambda: _sklearn_lof_loop(sub, k), n_pos * n * n * d, skippable=False)
         if rec.median_s is not None and n_pos < batch:
             rec.median_s *= batch / n_pos
             rec.iqr_s *= batch / n_pos
@@ -336,7 +341,7 @@ def bench_kcenter(b: Bench) -> None:
     elif b.device == "cuda":
         cases = [(100_000, 10_000), (300_000, 3_000), (300_000, 30_000)]
     else:
-        cases = [(50_000, 5_000), (100_000, 1_000), (100_000, 10_000), (300_000, 3_000), (300_000, 30_000)]
+        cases = [(50_000, 2_500), (100_000, 1_000), (100_000, 10_000), (300_000, 30_000)]
     data: dict[int, np.ndarray] = {}
     for n, m in cases:
         if n not in data:
@@ -347,7 +352,7 @@ def bench_kcenter(b: Bench) -> None:
         X = b.to_dev(x)
         bytes_naive = float(m) * n * d * x.itemsize  # what the naive loop streams; ours prunes most of it
         ours, res = b.measure("kcenter_greedy", case, "softpatch_cuda exact", params,
-                              lambda: ops.kcenter_greedy(X, m, start=0), m * n * d)
+                              lambda: ops.kcenter_greedy(X, m, start=0), m * n * d, skippable=False)
         b.add_throughput(ours, bytes_moved=bytes_naive)
         if ours.throughput:
             ours.throughput = {"naive-equivalent GB/s": ours.throughput.get("GB/s"),
@@ -361,9 +366,11 @@ def bench_kcenter(b: Bench) -> None:
             probe_steps = min(m, 20)
             t_probe, _ = H.time_once(lambda: loop(probe_steps), b.device)
             per_step = t_probe / probe_steps
-            steps = m if per_step * m <= b.budget_s else max(probe_steps, int(b.budget_s / per_step))
+            # A quarter of the budget of steps averages out per-step noise; one timed run is enough.
+            steps = m if per_step * m <= b.budget_s / 4 else max(probe_steps, int(b.budget_s / 4 / per_step))
             rec, sel = b.measure("kcenter_greedy", case, name, dict(params, steps_timed=steps),
-                                 lambda: loop(steps), steps * n * d)
+                                 lambda: loop(steps), steps * n * d, skippable=False,
+                                 max_repeats=1 if steps < m else None)
             if rec.median_s is not None and steps < m:
                 rec.median_s *= m / steps
                 rec.iqr_s *= m / steps
@@ -377,7 +384,7 @@ def bench_kcenter(b: Bench) -> None:
             baselines.append(rec)
         b.finish_case(ours, baselines)
         approx, _ = b.measure("kcenter_greedy_approx", case, "softpatch_cuda approx (10 anchors)", params,
-                              lambda: ops.kcenter_greedy_approx(X, m, n_anchors=10, seed=0), m * n * d,
+                              lambda: ops.kcenter_greedy_approx(X, m, n_anchors=10, seed=0), m * n * d, skippable=False,
                               note="PatchCore's approximate sampler; not index-comparable to the exact loop")
         if approx.median_s is not None and ours.median_s is not None:
             approx.throughput = {"time vs exact": approx.median_s / ours.median_s}

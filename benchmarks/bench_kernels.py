@@ -139,11 +139,11 @@ def _faiss_index(bank: np.ndarray, device: str):
     if device == "cuda":
         res = faiss.StandardGpuResources()
         index = faiss.GpuIndexFlatL2(res, bank.shape[1])
-        index._keep_res = res  # keep the resources alive as long as the index
     else:
+        res = None
         index = faiss.IndexFlatL2(bank.shape[1])
     index.add(bank)
-    return index
+    return index, res  # the caller holds ``res``: the GPU index must not outlive its resources
 
 
 def _faiss_available(device: str) -> str:
@@ -205,7 +205,7 @@ def bench_knn(b: Bench) -> None:
             b.records.append(rec)
         else:
             def run_faiss():
-                index = _faiss_index(bank, b.device)  # building a flat index is part of the call, as in PatchCore
+                index, _res = _faiss_index(bank, b.device)  # building a flat index is part of the call, as in PatchCore
                 dsq, idx = index.search(queries, k)
                 dist = np.sqrt(np.maximum(dsq, 0))
                 return dist, idx, (dist[:, 0] * w[idx[:, 0]] if w is not None else None)
@@ -364,6 +364,7 @@ def bench_kcenter(b: Bench) -> None:
                            ("torch loop (PatchCore style)", lambda s: _torch_kcenter(tx, m, s))):
             # Per-step cost is constant for these loops: probe a few steps, run all m if it fits the budget.
             probe_steps = min(m, 20)
+            loop(2)  # thread-pool / CUDA start-up out of the probe
             t_probe, _ = H.time_once(lambda: loop(probe_steps), b.device)
             per_step = t_probe / probe_steps
             # A quarter of the budget of steps averages out per-step noise; one timed run is enough.
@@ -388,6 +389,14 @@ def bench_kcenter(b: Bench) -> None:
                               note="PatchCore's approximate sampler; not index-comparable to the exact loop")
         if approx.median_s is not None and ours.median_s is not None:
             approx.throughput = {"time vs exact": approx.median_s / ours.median_s}
+        if b.device == "cuda":  # float16 features: half the bytes per step, selection may differ on near-ties
+            half, hres = b.measure("kcenter_greedy", case, "softpatch_cuda exact half=True", params,
+                                   lambda: ops.kcenter_greedy(X, m, start=0, half=True), m * n * d, skippable=False)
+            b.add_throughput(half, bytes_moved=bytes_naive / 2)
+            if hres is not None and ours_idx is not None:
+                same = _np(hres) == ours_idx
+                half.correctness = {"identical_to_float32_exact": bool(same.all()),
+                                    "first_mismatch_step": int(np.argmin(same)) if not same.all() else -1}
 
 
 # ------------------------------------------------------------------ main

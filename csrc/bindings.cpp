@@ -190,6 +190,7 @@ PYBIND11_MODULE(_core, m) {
           sp::pairwise_sqdist_cuda((const void*)a, (const void*)b, (float*)out, B, n, mm, d,
                                    sp::DType(dtype), tf32, stream);
         });
+  m.def("knn_cuda_workspace_floats", &sp::knn_cuda_workspace_floats);
   m.def("knn_cuda",
         [](uintptr_t qp, index_t q, uintptr_t bp, index_t mm, index_t d, index_t k,
            uintptr_t w, uintptr_t od, uintptr_t oi, uintptr_t os, int dtype, bool tf32,

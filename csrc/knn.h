@@ -25,11 +25,14 @@ void knn_cpu(const float* queries, index_t q, const float* bank, index_t m,
 
 #ifdef SOFTPATCH_WITH_CUDA
 // Device pointers; queries/bank of `dtype`; weights float32 or nullptr.
-// bank_sqnorm_workspace: float32 device buffer of m elements the kernel may use.
+// workspace: float32 device buffer of knn_cuda_workspace_floats(q, m, k)
+// elements (bank squared norms, plus partial top-k lists when the bank is split
+// across blocks because there are few queries). k <= 64 on CUDA.
+index_t knn_cuda_workspace_floats(index_t q, index_t m, index_t k);
 void knn_cuda(const void* queries, index_t q, const void* bank, index_t m,
               index_t d, index_t k, const float* weights, float* out_dist,
               index_t* out_idx, float* out_score, DType dtype, bool allow_tf32,
-              float* bank_sqnorm_workspace, stream_t stream);
+              float* workspace, stream_t stream);
 #endif
 
 }  // namespace sp

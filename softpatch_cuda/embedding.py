@@ -1,0 +1,102 @@
+"""Locally aware patch embeddings (PatchCore / SoftPatch, ALGORITHM.md section 2).
+
+Per layer: each position's 3x3 neighbourhood (zero padding 1, stride 1) is
+flattened (C*9); deeper layers' neighbourhood grids are bilinearly resampled to
+the shallowest layer's grid; each layer's vector is adaptive-average-pooled to
+``embed_dim``; the per-layer vectors are stacked and pooled again to ``embed_dim``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import FeatureExtractor
+
+# Default embedding size per backbone. WRN-50-2: the paper's 1024. efficientnet_lite0:
+# its layers give 40*9 = 360 and 112*9 = 1008 values, so 384 keeps the shallow layer
+# intact while making k-NN (cost ~ patches x bank x D) about 2.7x cheaper than 1024,
+# which the CPU speed targets (fit 200 images < 60 s, predict >= 5 images/s) need.
+DEFAULT_EMBED_DIM: dict[str, int] = {
+    "wide_resnet50_2": 1024,
+    "wide_resnet101_2": 1024,
+    "efficientnet_lite0": 384,
+    "resnet18": 384,
+}
+FALLBACK_EMBED_DIM = 1024
+
+
+def _neighbourhoods(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B,C,H,W] -> [B,H,W,C,k,k]: every position's k x k zero-padded neighbourhood."""
+    b, c, h, w = feature.shape
+    pad = (patch_size - 1) // 2
+    cols = F.unfold(feature, kernel_size=patch_size, padding=pad, stride=1)  # [B, C*k*k, H*W]
+    return cols.reshape(b, c, patch_size, patch_size, h, w).permute(0, 4, 5, 1, 2, 3)
+
+
+def _resample_grid(patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resample a [B,H,W,C,k,k] neighbourhood grid to [B,h,w,C,k,k]."""
+    b, h, w, c, k, _ = patches.shape
+    if (h, w) == tuple(size):
+        return patches
+    grid = patches.permute(0, 3, 4, 5, 1, 2).reshape(-1, 1, h, w)
+    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    return grid.reshape(b, c, k, k, size[0], size[1]).permute(0, 4, 5, 1, 2, 3)
+
+
+def aggregate_patches(features: list[torch.Tensor], embed_dim: int, patch_size: int = 3) -> torch.Tensor:
+    """Feature maps (shallow first) -> [B, h, w, embed_dim] patch embeddings."""
+    if not features:
+        raise ValueError("aggregate_patches needs at least one feature map")
+    b = features[0].shape[0]
+    size = tuple(features[0].shape[-2:])
+    pooled = []
+    for feature in features:
+        patches = _resample_grid(_neighbourhoods(feature.float(), patch_size), size)
+        flat = patches.reshape(b * size[0] * size[1], 1, -1)
+        pooled.append(F.adaptive_avg_pool1d(flat, embed_dim))  # [N, 1, D]
+    stacked = torch.cat(pooled, dim=1).reshape(b * size[0] * size[1], 1, -1)  # [N, 1, L*D]
+    out = F.adaptive_avg_pool1d(stacked, embed_dim)
+    return out.reshape(b, size[0], size[1], embed_dim)
+
+
+class PatchEmbedder:
+    """Images [B,3,S,S] -> patch embeddings [B,h,w,D] (float32, on the extractor's device)."""
+
+    def __init__(self, extractor: FeatureExtractor, embed_dim: int | None = None, patch_size: int = 3):
+        if embed_dim is None:
+            embed_dim = DEFAULT_EMBED_DIM.get(extractor.backbone_name, FALLBACK_EMBED_DIM)
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if not isinstance(patch_size, int) or patch_size < 1 or patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be a positive odd int, got {patch_size!r}")
+        self.extractor = extractor
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.device
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return aggregate_patches(self.extractor(pixels), self.embed_dim, self.patch_size)
+
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h, w) for an `image_size` input: the shallowest layer's grid,
+        ceil(S / stride) for timm CNNs ('same'-style padded strided convolutions)."""
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        stride = self.extractor.strides[0]
+        return tuple(-(-s // stride) for s in image_size)  # type: ignore[return-value]
+
+
+def random_projection(in_dim: int, out_dim: int = 128, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Fixed Gaussian random projection [in_dim, out_dim], entries N(0, 1/out_dim)
+    (Johnson-Lindenstrauss scaling). Drawn on the CPU from a seeded generator, then
+    moved, so every device gets the same matrix."""
+    if in_dim < 1 or out_dim < 1:
+        raise ValueError(f"random_projection needs positive dims, got in_dim={in_dim}, out_dim={out_dim}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    matrix = torch.randn(in_dim, out_dim, generator=gen, dtype=torch.float32) / (out_dim ** 0.5)
+    return matrix.to(device)

@@ -152,7 +152,7 @@ def _lighting(size: int, rng: np.random.Generator, gain: tuple[float, float], sl
 
 
 def _sensor_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator) -> Array:
-    return rng.normal(0.0, sigma, size=shape).astype(np.float32)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(sigma)
 
 
 # ============================================================================ textures
@@ -238,22 +238,24 @@ def _texture_image(category: str, size: int, rng: np.random.Generator) -> Array:
     return rgb * _lighting(size, rng, gain=(0.97, 1.03), slope=(0.0, 0.08))
 
 
-def _scratch(img: Array, rng: np.random.Generator, coverage: Array | None = None) -> Array:
-    """Thin bright or dark curved line, intensity varying along its length."""
+def _scratch(img: Array, rng: np.random.Generator, coverage: Array | None = None, centre: Array | None = None,
+             unit: float | None = None, length_range: tuple[float, float] = (0.2, 0.5)) -> Array:
+    """Thin bright or dark curved line, intensity varying along its length. `unit` is
+    the pixel scale (image side / 224); lengths are fractions of 224 * unit."""
     size = img.shape[0]
-    unit = size / 224.0
-    length = rng.uniform(0.2, 0.5) * size
-    start = _defect_centre(size, rng)
+    unit = size / 224.0 if unit is None else unit
+    length = rng.uniform(*length_range) * 224 * unit
+    if centre is None:
+        centre = _defect_centre(size, rng)
     angle = rng.uniform(0, 2 * np.pi)
-    points = _curve_points(start - 0.5 * length * np.array([np.cos(angle), np.sin(angle)]), angle,
-                           length, 12, rng.uniform(0.02, 0.08), rng)
+    direction = np.array([np.cos(angle), np.sin(angle)])
+    points = _curve_points(centre - 0.5 * length * direction, angle, length, 12, rng.uniform(0.02, 0.08), rng)
     width = rng.uniform(1.2, 2.6) * unit
     alpha = _stroke_alpha(size, [(points, np.full(len(points) - 1, width))])
     alpha *= np.clip(0.75 + 0.25 * _smooth_field((size, size), 6 * unit, rng), 0.3, 1.0)
     if coverage is not None:
         alpha *= coverage
-    strength = rng.uniform(0.65, 0.95)
-    a = (alpha * strength)[..., None]
+    a = (alpha * rng.uniform(0.65, 0.95))[..., None]
     if rng.random() < 0.6:  # bright: fresh metal / scraped surface
         target = np.clip(img * 0.3 + rng.uniform(0.7, 0.9), 0, 1)
     else:
@@ -349,17 +351,42 @@ def _texture_sample(category: str, defect_type: str | None, size: int, rng: np.r
 
 
 # ============================================================================ rendered objects
-def _coords(size: int, centre: Array, rotation: float, scale: float) -> tuple[Array, Array]:
-    """Object-frame coordinates of every pixel centre, in units of the image side."""
-    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
-    dx, dy = xx - centre[0], yy - centre[1]
-    c, s = math.cos(rotation), math.sin(rotation)
-    return (c * dx + s * dy) / scale, (-s * dx + c * dy) / scale
+# Each object is rendered once per image size in its own frame ("canvas": the image plus
+# a margin, object centred, fixed light) and cached; every picture is that canvas warped
+# to a slightly different pose, with its own grain, lighting field and sensor noise.
+# A defective picture re-renders the canvas with the defect and takes the same warp,
+# so the defect-free twin differs from it only where the defect is.
+_DESIGN_SEED = 20240607  # fixed artwork: the same part in every image
 
 
-def _cover(dist: Array, size: int, scale: float = 1.0) -> Array:
+def _margin(size: int) -> int:
+    return int(math.ceil(0.08 * size))
+
+
+@lru_cache(maxsize=8)
+def _frame_coords(size: int) -> tuple[Array, Array]:
+    """Object-frame coordinates (units of the image side, origin at the object centre)
+    of every canvas pixel centre."""
+    canvas = size + 2 * _margin(size)
+    axis = ((np.arange(canvas, dtype=np.float32) + 0.5) - canvas / 2) / size
+    u, v = np.meshgrid(axis, axis)
+    u.setflags(write=False)
+    v.setflags(write=False)
+    return u, v
+
+
+@lru_cache(maxsize=8)
+def _design_noise(size: int, sigma_px: float, which: int) -> Array:
+    canvas = size + 2 * _margin(size)
+    rng = np.random.default_rng([_DESIGN_SEED, size, which])
+    out = _smooth_field((canvas, canvas), sigma_px * size / 224, rng)
+    out.setflags(write=False)
+    return out
+
+
+def _cover(dist: Array, size: int) -> Array:
     """Antialiased coverage from a signed distance (negative inside, image-side units)."""
-    return np.clip(0.5 - dist * size * scale, 0.0, 1.0).astype(np.float32)
+    return np.clip(0.5 - dist * size, 0.0, 1.0).astype(np.float32)
 
 
 def _box_sdf(u: Array, v: Array, half_u: float, half_v: float) -> Array:
@@ -383,86 +410,109 @@ def _paint(img: Array, coverage: Array, colour: Array | tuple) -> Array:
     return img * (1 - a) + np.asarray(colour, np.float32) * a
 
 
-def _overlay_defect(img: Array, defect: dict, coverage: Array, rng_seed: int) -> Array:
-    """Contamination / scratch drawn over the (unlit) object, restricted to `coverage`."""
-    rng = np.random.default_rng(rng_seed)
+def _to_canvas_px(size: int, point: Array) -> Array:
+    """Object-frame point (units) -> canvas pixel coordinates (x, y)."""
+    return np.asarray(point, np.float64) * size + (size + 2 * _margin(size)) / 2
+
+
+Window = tuple[slice, slice]
+
+
+def _defect_window(size: int, defect: dict) -> Window:
+    """Square canvas region that holds everything `defect` changes (its "roi": centre
+    and half side in object units), so a defective picture re-renders only that."""
+    canvas = size + 2 * _margin(size)
+    centre, half_units = defect["roi"]
+    centre_px = _to_canvas_px(size, centre)
+    half = int(math.ceil(half_units * size)) + 2
+    n = min(2 * half, canvas)
+    x0 = int(np.clip(round(centre_px[0]) - half, 0, canvas - n))
+    y0 = int(np.clip(round(centre_px[1]) - half, 0, canvas - n))
+    return slice(y0, y0 + n), slice(x0, x0 + n)
+
+
+def _frame(size: int, window: Window | None) -> tuple[Array, Array, Window]:
+    full = (slice(None), slice(None))
+    window = full if window is None else window
+    u, v = _frame_coords(size)
+    return u[window], v[window], window
+
+
+def _overlay_defect(img: Array, size: int, defect: dict, coverage: Array, window: Window) -> Array:
+    """Contamination / scratch drawn over the (unlit) object, restricted to `coverage`.
+    `img` is the canvas region `window`."""
+    rng = np.random.default_rng(defect["seed"])
+    canvas = img.shape[0]
+    unit = size / 224.0
+    origin = np.array([window[1].start or 0, window[0].start or 0], np.float64)
+    centre = _to_canvas_px(size, defect["centre"]) - origin
     if defect["kind"] == "contamination":
-        size = img.shape[0]
-        unit = size / 224.0
-        alpha = _blob_alpha(size, defect["centre"], defect["radius"], 1.5 * unit, rng, roughness=0.5)
+        alpha = _blob_alpha(canvas, centre, defect["radius"] * size, 1.5 * unit, rng, roughness=0.5)
         alpha = ndimage.gaussian_filter(alpha, 0.8 * unit)
-        alpha *= np.clip(0.85 + 0.25 * _smooth_field((size, size), 2 * unit, rng), 0, 1) * coverage
+        alpha *= np.clip(0.85 + 0.25 * _smooth_field((canvas, canvas), 2 * unit, rng), 0, 1) * coverage
         colour = np.asarray(defect["colour"], np.float32)
         a = (alpha * defect["opacity"])[..., None]
         return img * (1 - a) + (img * 0.3 + colour * 0.7) * a
     if defect["kind"] == "scratch":
-        return _scratch(img, rng, coverage=coverage)
+        return _scratch(img, rng, coverage=coverage, centre=centre, unit=unit,
+                        length_range=defect.get("length", (0.12, 0.3)))
     raise AssertionError(defect["kind"])
 
 
+def _object_point(rng: np.random.Generator, r_min: float, r_max: float) -> Array:
+    r, ang = rng.uniform(r_min, r_max), rng.uniform(0, 2 * np.pi)
+    return r * np.array([math.cos(ang), math.sin(ang)])
+
+
 # ---------------------------------------------------------------------------- nut
-_NUT_APOTHEM = 0.29        # across flats = 0.58 of the image side
+_NUT_APOTHEM = 0.29               # across flats = 0.58 of the image side
 _NUT_FACE = 0.93 * _NUT_APOTHEM   # flat circular top face (the chamfer cuts the corners)
 _NUT_HOLE = 0.47 * _NUT_APOTHEM
 _NUT_SINK = _NUT_HOLE + 0.035     # countersink ring around the hole
+_NUT_LIGHT = -2.3                 # light from the upper left (radians, image y down)
+_NUT_CONTAMINANTS = ((0.12, 0.09, 0.06), (0.55, 0.28, 0.10), (0.85, 0.82, 0.74), (0.20, 0.30, 0.10))
 
 
-def _nut_scene(size: int, rng: np.random.Generator) -> dict:
-    unit = 1.0 / 224.0
-    return dict(
-        size=size,
-        centre=np.array([0.5, 0.5]) + rng.normal(0, 2.0 * unit, 2).clip(-4 * unit, 4 * unit),
-        rotation=float(rng.normal(0, 0.02)),
-        scale=float(rng.uniform(0.985, 1.015)),
-        light=float(rng.uniform(-2.6, -2.0)),  # light from the upper left, roughly
-        thread_phase=float(rng.uniform(0, 2 * np.pi)),  # the nut turns, its thread with it
-        bg_noise=_smooth_field((size, size), 1.5 * size / 224, rng),
-        metal_noise=_smooth_field((size, size), 0.8 * size / 224, rng),
-        lighting=_lighting(size, rng, gain=(0.9, 1.1), slope=(0.05, 0.3)),
-        overlay_seed=int(rng.integers(2**31)),
-    )
-
-
-def _nut_defect(scene: dict, defect_type: str, rng: np.random.Generator) -> dict:
-    size = scene["size"]
+def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
     if defect_type == "chipped":
-        vertex = rng.integers(6)
-        ang = np.pi / 6 + vertex * np.pi / 3  # hexagon corners (flat top/bottom)
+        ang = math.pi / 6 + int(rng.integers(6)) * math.pi / 3  # hexagon corners (flat top/bottom)
         corner = _NUT_APOTHEM / math.cos(math.pi / 6)
-        reach = rng.uniform(0.92, 1.02)
-        return dict(kind="chipped", centre=corner * reach * np.array([math.cos(ang), math.sin(ang)]),
-                    radius=float(rng.uniform(0.045, 0.075)), seed=int(rng.integers(2**31)))
+        centre = corner * rng.uniform(0.9, 1.0) * np.array([math.cos(ang), math.sin(ang)])
+        radius = float(rng.uniform(0.045, 0.075))
+        return dict(kind="chipped", centre=centre, radius=radius, seed=int(rng.integers(2**31)),
+                    roi=(centre, 1.3 * radius + 0.02))
     if defect_type == "dent":
         ang = rng.uniform(0, 2 * np.pi)
-        edge_r = _NUT_APOTHEM / max(abs(math.cos((ang % (np.pi / 3)) - np.pi / 6)), 1e-3)
-        edge_r = min(edge_r, _NUT_APOTHEM / math.cos(math.pi / 6)) * 0.98
-        return dict(kind="dent", centre=edge_r * np.array([math.cos(ang), math.sin(ang)]),
-                    direction=np.array([math.cos(ang), math.sin(ang)]),
-                    depth=float(rng.uniform(0.018, 0.03)), sigma=float(rng.uniform(0.03, 0.05)))
+        # distance from the centre to the hexagon outline in that direction
+        edge_r = _NUT_APOTHEM / math.cos(((ang % (math.pi / 3)) - math.pi / 6))
+        direction = np.array([math.cos(ang), math.sin(ang)])
+        sigma = float(rng.uniform(0.03, 0.05))
+        return dict(kind="dent", centre=0.98 * edge_r * direction, direction=direction,
+                    depth=float(rng.uniform(0.015, 0.028)), sigma=sigma, roi=(0.98 * edge_r * direction, 3.5 * sigma))
     if defect_type == "contamination":
-        # somewhere on the metal, in image pixels
-        r = rng.uniform(_NUT_SINK, _NUT_APOTHEM * 0.95)
-        ang = rng.uniform(0, 2 * np.pi)
-        centre = (scene["centre"] + r * np.array([math.cos(ang), math.sin(ang)])) * size
-        colour = [(0.12, 0.09, 0.06), (0.55, 0.28, 0.10), (0.85, 0.82, 0.74), (0.20, 0.30, 0.10)][int(rng.integers(4))]
-        return dict(kind="contamination", centre=centre, radius=float(rng.uniform(0.025, 0.06) * size),
-                    colour=colour, opacity=float(rng.uniform(0.6, 0.9)))
+        colour = _NUT_CONTAMINANTS[int(rng.integers(len(_NUT_CONTAMINANTS)))]
+        centre, radius = _object_point(rng, _NUT_SINK, 0.95 * _NUT_APOTHEM), float(rng.uniform(0.022, 0.05))
+        return dict(kind="contamination", centre=centre, radius=radius, colour=colour,
+                    opacity=float(rng.uniform(0.6, 0.9)), seed=int(rng.integers(2**31)),
+                    roi=(centre, 1.9 * radius + 0.015))
     if defect_type == "scratch":
-        return dict(kind="scratch")
+        centre = _object_point(rng, _NUT_SINK + 0.02, 0.85 * _NUT_APOTHEM)
+        return dict(kind="scratch", centre=centre, length=(0.12, 0.3), seed=int(rng.integers(2**31)),
+                    roi=(centre, 0.5 * 0.3 + 0.03))
     raise ValueError(defect_type)
 
 
-def _render_nut(scene: dict, defect: dict | None) -> tuple[Array, Array]:
+def _render_nut(size: int, defect: dict | None, window: Window | None = None) -> tuple[Array, Array]:
     """Top view of a hexagonal steel nut (chamfered corners, countersunk threaded hole)
-    on a dark cloth. Returns (RGB image in [0, 1], object coverage)."""
-    size = scene["size"]
-    u, v = _coords(size, scene["centre"], scene["rotation"], scene["scale"])
-    lu, lv = math.cos(scene["light"]), math.sin(scene["light"])
+    on a dark cloth, in the object frame. Returns (RGB in [0, 1], grain amplitude)."""
+    u, v, window = _frame(size, window)
+    lu, lv = math.cos(_NUT_LIGHT), math.sin(_NUT_LIGHT)
     r = np.hypot(u, v)
     theta = np.arctan2(v, u)
     radial_u, radial_v = u / np.maximum(r, 1e-6), v / np.maximum(r, 1e-6)
+    metal_noise = _design_noise(size, 0.8, 0)[window]
 
-    # shape (a dent pushes the outline in: the SDF is evaluated at outward-warped points)
+    # outline (a dent pushes it in: the SDF is evaluated at outward-warped points)
     su, sv = u, v
     dent_bump = None
     if defect is not None and defect["kind"] == "dent":
@@ -478,44 +528,41 @@ def _render_nut(scene: dict, defect: dict | None) -> tuple[Array, Array]:
         wobble = 1 + 0.18 * np.cos(3 * ang + rng.uniform(0, 6.3)) + 0.08 * np.cos(7 * ang + rng.uniform(0, 6.3))
         cut_dist = np.hypot(cu, cv) - defect["radius"] * wobble
         hex_dist = np.maximum(hex_dist, -cut_dist)
-    body = _cover(hex_dist, size, scene["scale"])
+    body = _cover(hex_dist, size)
 
     # background: dark blue-grey cloth with the nut's soft shadow
-    shadow_dist = _hexagon_sdf(u + 0.02 * lu, v + 0.02 * lv, _NUT_APOTHEM)
-    shadow = np.clip(0.5 - shadow_dist / 0.04, 0, 1)
-    bg = (0.26 + 0.018 * scene["bg_noise"]) * (1 - 0.45 * shadow)
+    shadow = np.clip(0.5 - _hexagon_sdf(u + 0.02 * lu, v + 0.02 * lv, _NUT_APOTHEM) / 0.04, 0, 1)
+    bg = (0.26 + 0.018 * _design_noise(size, 1.5, 1)[window]) * (1 - 0.45 * shadow)
     img = bg[..., None] * np.array([0.92, 0.97, 1.08], np.float32)
 
     # metal shading
     face = _cover(r - _NUT_FACE, size)
     sink = _cover(r - _NUT_SINK, size)
     hole = _cover(r - _NUT_HOLE, size)
-    facing = radial_u * lu + radial_v * lv  # >0: slope faces the light
+    facing = radial_u * lu + radial_v * lv  # > 0: the slope faces the light
     turned = 0.02 * np.sin(r * 2 * np.pi / 0.0075)  # lathe marks on the face
-    flat = 0.64 + turned + 0.03 * scene["metal_noise"]
-    chamfer = 0.50 + 0.22 * facing + 0.02 * scene["metal_noise"]
+    flat = 0.64 + turned + 0.03 * metal_noise
+    chamfer = 0.50 + 0.22 * facing + 0.02 * metal_noise
     countersink = 0.42 - 0.25 * facing
     depth = np.clip(r / _NUT_HOLE, 0, 1)
-    thread = (0.10 + 0.16 * depth) * (0.65 + 0.35 * np.sin(2 * np.pi * (r / 0.011) - theta - scene["thread_phase"]))
+    thread = (0.10 + 0.16 * depth) * (0.65 + 0.35 * np.sin(2 * np.pi * (r / 0.011) - theta))
     metal = chamfer * (1 - face) + flat * face
     metal = metal * (1 - sink) + countersink * sink
     metal = metal * (1 - hole) + thread * hole
-    edge_line = np.clip(1 - np.abs(r - _NUT_FACE) * size / 1.2, 0, 1)  # crease face/chamfer
-    metal = metal * (1 - 0.15 * edge_line)
+    metal = metal * (1 - 0.15 * np.clip(1 - np.abs(r - _NUT_FACE) * size / 1.2, 0, 1))  # face/chamfer crease
     if dent_bump is not None:
-        # dent: the surface tilts towards the dent centre -> shading gradient around it
+        # the dented surface tilts towards the dent's centre: shading gradient around it
         du, dv = u - defect["centre"][0], v - defect["centre"][1]
-        metal = metal - 0.9 * dent_bump * (du * lu + dv * lv) / defect["sigma"] - 0.06 * dent_bump
+        metal = metal + 0.6 * dent_bump * (du * lu + dv * lv) / defect["sigma"] - 0.08 * dent_bump
     if defect is not None and defect["kind"] == "chipped":
-        fracture = np.clip(1 - np.abs(cut_dist) * size / 3.0, 0, 1) * body
-        metal = metal * (1 - 0.35 * fracture) + 0.05 * fracture * scene["metal_noise"]
+        fracture = np.clip(1 - np.abs(cut_dist) * size / 3.0, 0, 1) * body  # rough broken surface
+        metal = metal * (1 - 0.35 * fracture) + 0.05 * fracture * metal_noise
     steel = metal[..., None] * np.array([0.97, 0.99, 1.03], np.float32)
     img = img * (1 - body[..., None]) + steel * body[..., None]
-
-    metal_cov = body * (1 - hole)
     if defect is not None and defect["kind"] in ("contamination", "scratch"):
-        img = _overlay_defect(img, defect, metal_cov, scene["overlay_seed"])
-    return img * scene["lighting"], body
+        img = _overlay_defect(img, size, defect, body * (1 - hole), window)
+    grain = 0.012 + 0.012 * body  # cloth fibres vs metal grain
+    return img.astype(np.float32), grain
 
 
 # ---------------------------------------------------------------------------- chip
@@ -527,212 +574,226 @@ _CHIP_PIN_HALF_W = 0.22 * _CHIP_PITCH
 _CHIP_PIN_LEN = 0.06
 _CHIP_PAD_HALF_W = 0.36 * _CHIP_PITCH
 _CHIP_SOLDER = (0.80, 0.80, 0.76)
+_CHIP_LIGHT = -2.2
+_CHIP_CONTAMINANTS = ((0.75, 0.55, 0.15), (0.65, 0.65, 0.62), (0.05, 0.04, 0.03))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
 def _chip_design() -> dict:
     """The board and package artwork: fixed (the same part in every image)."""
-    rng = np.random.default_rng(20240607)
+    rng = np.random.default_rng(_DESIGN_SEED)
     glyphs = rng.random((3, 7, 5, 3)) < 0.55  # 3 lines x 7 characters of 5x3 dots
     glyphs[2, 4:] = False                     # last line shorter
     has_trace = rng.random((4, _CHIP_PINS)) < 0.7
     trace_len = rng.uniform(0.03, 0.1, size=(4, _CHIP_PINS))
-    return dict(glyphs=glyphs, has_trace=has_trace, trace_len=trace_len)
+    solder_blob = rng.uniform(0.85, 1.15, size=(4, _CHIP_PINS))  # each joint a bit different
+    return dict(glyphs=glyphs, has_trace=has_trace, trace_len=trace_len, solder_blob=solder_blob)
 
 
 def _side_frame(u: Array, v: Array, side: int) -> tuple[Array, Array]:
-    """Body-frame (u, v) -> (outward s, along-side t) for side 0 right, 1 bottom, 2 left, 3 top."""
-    if side == 0:
-        return u, v
-    if side == 1:
-        return v, -u
-    if side == 2:
-        return -u, -v
-    return -v, u
+    """Object frame (u, v) -> (outward s, along-side t) for side 0 right, 1 bottom, 2 left, 3 top."""
+    return [(u, v), (v, -u), (-u, -v), (-v, u)][side]
 
 
 def _pin_index(t: Array) -> tuple[Array, Array]:
-    idx = np.clip(np.rint((t + _CHIP_PIN_SPAN) / _CHIP_PITCH), 0, _CHIP_PINS - 1)
-    return idx.astype(np.int64), t - (-_CHIP_PIN_SPAN + idx * _CHIP_PITCH)
+    idx = np.clip(np.rint((t + _CHIP_PIN_SPAN) / _CHIP_PITCH), 0, _CHIP_PINS - 1).astype(np.int64)
+    return idx, t - (-_CHIP_PIN_SPAN + idx * _CHIP_PITCH)
 
 
-def _chip_scene(size: int, rng: np.random.Generator) -> dict:
-    unit = 1.0 / 224.0
-    return dict(
-        size=size,
-        centre=np.array([0.5, 0.5]) + rng.normal(0, 2.0 * unit, 2).clip(-4 * unit, 4 * unit),
-        rotation=float(rng.normal(0, 0.012)),
-        scale=float(rng.uniform(0.99, 1.01)),
-        light=float(rng.uniform(-2.6, -2.0)),
-        board_noise=_smooth_field((size, size), 1.0 * size / 224, rng),
-        body_noise=_smooth_field((size, size), 0.7 * size / 224, rng),
-        solder_blob=rng.uniform(0.85, 1.15, size=(4, _CHIP_PINS)),  # each joint a bit different
-        lighting=_lighting(size, rng, gain=(0.9, 1.1), slope=(0.05, 0.25)),
-        overlay_seed=int(rng.integers(2**31)),
-    )
+def _side_point(side: int, s: float, t: float) -> Array:
+    """(outward s, along-side t) on `side` -> object frame (u, v); inverse of _side_frame."""
+    return np.array([(s, t), (-t, s), (-s, -t), (t, -s)][side], np.float64)
 
 
-def _chip_defect(scene: dict, defect_type: str, rng: np.random.Generator) -> dict:
-    size = scene["size"]
+def _chip_defect(defect_type: str, rng: np.random.Generator) -> dict:
     side, pin = int(rng.integers(4)), int(rng.integers(_CHIP_PINS))
+    pin_t = -_CHIP_PIN_SPAN + pin * _CHIP_PITCH
+    pin_centre = _side_point(side, _CHIP_BODY + 0.5 * _CHIP_PIN_LEN, pin_t)
     if defect_type == "missing_pin":
-        return dict(kind="missing_pin", side=side, pin=pin)
+        return dict(kind="missing_pin", side=side, pin=pin, roi=(pin_centre, 0.06))
     if defect_type == "bent_pin":
-        return dict(kind="bent_pin", side=side, pin=pin,
-                    angle=float(rng.choice([-1, 1]) * rng.uniform(0.2, 0.4)))
+        return dict(kind="bent_pin", side=side, pin=pin, angle=float(rng.choice([-1, 1]) * rng.uniform(0.3, 0.55)),
+                    roi=(pin_centre, 0.07))
     if defect_type == "solder_bridge":
-        return dict(kind="solder_bridge", side=side, pin=min(pin, _CHIP_PINS - 2),
-                    seed=int(rng.integers(2**31)))
+        pin = min(pin, _CHIP_PINS - 2)
+        centre = _side_point(side, _CHIP_BODY + 0.75 * _CHIP_PIN_LEN, -_CHIP_PIN_SPAN + (pin + 0.5) * _CHIP_PITCH)
+        return dict(kind="solder_bridge", side=side, pin=pin, seed=int(rng.integers(2**31)), roi=(centre, 0.05))
     if defect_type == "contamination":
         reach = _CHIP_BODY + _CHIP_PIN_LEN
-        centre = (scene["centre"] + rng.uniform(-reach, reach, 2)) * size
-        colour = [(0.75, 0.55, 0.15), (0.65, 0.65, 0.62), (0.05, 0.04, 0.03)][int(rng.integers(3))]
-        return dict(kind="contamination", centre=centre, radius=float(rng.uniform(0.022, 0.05) * size),
-                    colour=colour, opacity=float(rng.uniform(0.6, 0.85)))
+        colour = _CHIP_CONTAMINANTS[int(rng.integers(len(_CHIP_CONTAMINANTS)))]
+        centre, radius = rng.uniform(-reach, reach, 2), float(rng.uniform(0.02, 0.045))
+        return dict(kind="contamination", centre=centre, radius=radius, colour=colour,
+                    opacity=float(rng.uniform(0.6, 0.85)), seed=int(rng.integers(2**31)),
+                    roi=(centre, 1.9 * radius + 0.015))
     if defect_type == "scratch":
-        return dict(kind="scratch")
+        centre = rng.uniform(-0.6, 0.6, 2) * _CHIP_BODY
+        return dict(kind="scratch", centre=centre, length=(0.1, 0.25), seed=int(rng.integers(2**31)),
+                    roi=(centre, 0.5 * 0.25 + 0.03))
     raise ValueError(defect_type)
 
 
-def _render_chip(scene: dict, defect: dict | None) -> tuple[Array, Array]:
-    """Top view of a QFP-32 package soldered on a green PCB (pads, traces, vias,
-    silkscreen, laser marking). Returns (RGB image in [0, 1], package coverage)."""
-    size, scale = scene["size"], scene["scale"]
-    design = _chip_design()
-    u, v = _coords(size, scene["centre"], scene["rotation"], scale)
-    lu, lv = math.cos(scene["light"]), math.sin(scene["light"])
+def _pin_shade(along: Array, across: Array) -> Array:
+    """Gull-wing pin: the shoulder bends down (darker), the foot lies flat (bright),
+    rounded across its width."""
+    profile = 0.55 + 0.3 * np.clip((along - 0.3) / 0.25, 0, 1) - 0.15 * np.exp(-((along - 0.25) / 0.08) ** 2)
+    return profile * (1 - 0.3 * across ** 2)
 
-    board = np.array([0.10, 0.36, 0.20], np.float32) * (1 + 0.06 * scene["board_noise"])[..., None]
-    img = board
-    pad_cov = np.zeros((size, size), np.float32)
-    trace_cov = np.zeros_like(pad_cov)
-    via_ring = np.zeros_like(pad_cov)
-    via_hole = np.zeros_like(pad_cov)
-    pin_cov = np.zeros_like(pad_cov)
-    pin_shade = np.zeros_like(pad_cov)
-    solder_cov = np.zeros_like(pad_cov)
+
+def _render_chip(size: int, defect: dict | None, window: Window | None = None) -> tuple[Array, Array]:
+    """Top view of a QFP-32 package soldered on a green PCB (pads, traces, vias,
+    silkscreen, laser marking), in the object frame. Returns (RGB in [0, 1], grain amplitude)."""
+    design = _chip_design()
+    u, v, window = _frame(size, window)
+    lu, lv = math.cos(_CHIP_LIGHT), math.sin(_CHIP_LIGHT)
+    kind = None if defect is None else defect["kind"]
+
+    img = np.array([0.10, 0.36, 0.20], np.float32) * (1 + 0.06 * _design_noise(size, 1.0, 2)[window])[..., None]
+    pads, traces, via_ring, via_hole, pins, pin_shade, solder = (np.zeros(u.shape, np.float32) for _ in range(7))
     pad_start, pad_end = _CHIP_BODY + 0.012, _CHIP_BODY + _CHIP_PIN_LEN + 0.012
     for side in range(4):
         s, t = _side_frame(u, v, side)
         idx, dt = _pin_index(t)
-        pad_cov = np.maximum(pad_cov, _cover(_box_sdf(s - 0.5 * (pad_start + pad_end), dt,
-                                                      0.5 * (pad_end - pad_start), _CHIP_PAD_HALF_W), size, scale))
+        np.maximum(pads, _cover(_box_sdf(s - 0.5 * (pad_start + pad_end), dt, 0.5 * (pad_end - pad_start),
+                                         _CHIP_PAD_HALF_W), size), out=pads)
         length = design["trace_len"][side][idx]
         has = design["has_trace"][side][idx]
-        trace = _cover(_box_sdf(s - (pad_end + 0.5 * length), dt, 0.5 * length, 0.3 * _CHIP_PAD_HALF_W), size, scale)
-        trace_cov = np.maximum(trace_cov, trace * has)
+        np.maximum(traces, _cover(_box_sdf(s - (pad_end + 0.5 * length), dt, 0.5 * length,
+                                           0.3 * _CHIP_PAD_HALF_W), size) * has, out=traces)
         via_r = np.hypot(s - (pad_end + length), dt)
-        via_ring = np.maximum(via_ring, _cover(via_r - 0.011, size, scale) * has)
-        via_hole = np.maximum(via_hole, _cover(via_r - 0.005, size, scale) * has)
+        np.maximum(via_ring, _cover(via_r - 0.011, size) * has, out=via_ring)
+        np.maximum(via_hole, _cover(via_r - 0.005, size) * has, out=via_hole)
 
-        # gull-wing pins: shoulder bends down (dark), foot lies flat on the pad (bright)
-        present = np.ones_like(s, dtype=bool)
-        if defect is not None and defect["kind"] in ("missing_pin", "bent_pin") and defect["side"] == side:
+        present = np.ones(s.shape, bool)
+        if kind in ("missing_pin", "bent_pin") and defect["side"] == side:
             present = idx != defect["pin"]
-        pin_d = _box_sdf(s - (_CHIP_BODY + 0.5 * _CHIP_PIN_LEN), dt, 0.5 * _CHIP_PIN_LEN, _CHIP_PIN_HALF_W)
-        cov = _cover(pin_d, size, scale) * present
-        along = np.clip((s - _CHIP_BODY) / _CHIP_PIN_LEN, 0, 1)
-        across = np.clip(dt / _CHIP_PIN_HALF_W, -1, 1)
-        profile = 0.55 + 0.3 * np.clip((along - 0.3) / 0.25, 0, 1) - 0.15 * np.exp(-((along - 0.25) / 0.08) ** 2)
-        shade = profile * (1 - 0.3 * across ** 2) + 0.08 * across * (lu * 0 + lv)
-        pin_cov = np.maximum(pin_cov, cov)
+        cov = _cover(_box_sdf(s - (_CHIP_BODY + 0.5 * _CHIP_PIN_LEN), dt, 0.5 * _CHIP_PIN_LEN,
+                              _CHIP_PIN_HALF_W), size) * present
+        shade = _pin_shade(np.clip((s - _CHIP_BODY) / _CHIP_PIN_LEN, 0, 1), np.clip(dt / _CHIP_PIN_HALF_W, -1, 1))
+        np.maximum(pins, cov, out=pins)
         pin_shade = np.where(cov > 0, shade, pin_shade)
-        blob = scene["solder_blob"][side][idx]
-        fillet = _cover(np.hypot(np.maximum(np.abs(dt) - _CHIP_PIN_HALF_W * 0.9, 0) / 1.2,
-                                 (s - (_CHIP_BODY + 0.85 * _CHIP_PIN_LEN)) / (0.9 * blob))
-                        - 0.012, size, scale) * present
-        solder_cov = np.maximum(solder_cov, fillet)
+        blob = design["solder_blob"][side][idx]
+        fillet = np.hypot(np.maximum(np.abs(dt) - 0.9 * _CHIP_PIN_HALF_W, 0) / 1.2,
+                          (s - (_CHIP_BODY + 0.85 * _CHIP_PIN_LEN)) / (0.9 * blob)) - 0.012
+        np.maximum(solder, _cover(fillet, size) * present, out=solder)
 
-    img = _paint(img, trace_cov, (0.20, 0.52, 0.26))
+    img = _paint(img, traces, (0.20, 0.52, 0.26))
     img = _paint(img, via_ring, (0.78, 0.68, 0.40))
     img = _paint(img, via_hole, (0.05, 0.06, 0.05))
-    img = _paint(img, pad_cov, (0.82, 0.80, 0.70))  # tinned pads (HASL)
-
-    # silkscreen outline with pin-1 corner mark
-    outline = _box_sdf(u, v, pad_end + 0.028, pad_end + 0.028)
-    silk = _cover(np.abs(outline) - 0.0045, size, scale)
-    silk = np.maximum(silk, _cover(np.hypot(u + pad_end + 0.045, v + pad_end + 0.045) - 0.008, size, scale))
+    img = _paint(img, pads, (0.82, 0.80, 0.70))  # tinned pads
+    outline = _box_sdf(u, v, pad_end + 0.028, pad_end + 0.028)  # silkscreen, pin-1 corner dot
+    silk = np.maximum(_cover(np.abs(outline) - 0.0045, size),
+                      _cover(np.hypot(u + pad_end + 0.045, v + pad_end + 0.045) - 0.008, size))
     img = _paint(img, silk, (0.90, 0.91, 0.88))
-
-    # solder fillets, then the pins over them
     solder_colour = np.asarray(_CHIP_SOLDER, np.float32)
-    img = _paint(img, solder_cov * 0.9, solder_colour * 0.92)
-    if defect is not None and defect["kind"] == "bent_pin":
+    img = _paint(img, solder * 0.9, solder_colour * 0.92)
+
+    if kind == "bent_pin":
         s, t = _side_frame(u, v, defect["side"])
-        root_t = -_CHIP_PIN_SPAN + defect["pin"] * _CHIP_PITCH
-        ds, dtt = s - _CHIP_BODY, t - root_t
+        ds, dtt = s - _CHIP_BODY, t - (-_CHIP_PIN_SPAN + defect["pin"] * _CHIP_PITCH)
         c, sn = math.cos(defect["angle"]), math.sin(defect["angle"])
         bs, bt = c * ds + sn * dtt, -sn * ds + c * dtt
-        cov = _cover(_box_sdf(bs - 0.5 * _CHIP_PIN_LEN, bt, 0.5 * _CHIP_PIN_LEN, _CHIP_PIN_HALF_W), size, scale)
-        along = np.clip(bs / _CHIP_PIN_LEN, 0, 1)
-        shade = (0.55 + 0.3 * np.clip((along - 0.3) / 0.25, 0, 1)) * (1 - 0.3 * np.clip(bt / _CHIP_PIN_HALF_W, -1, 1) ** 2)
-        pin_cov = np.maximum(pin_cov, cov)
+        cov = _cover(_box_sdf(bs - 0.5 * _CHIP_PIN_LEN, bt, 0.5 * _CHIP_PIN_LEN, _CHIP_PIN_HALF_W), size)
+        shade = _pin_shade(np.clip(bs / _CHIP_PIN_LEN, 0, 1), np.clip(bt / _CHIP_PIN_HALF_W, -1, 1))
+        np.maximum(pins, cov, out=pins)
         pin_shade = np.where(cov > 0, shade, pin_shade)
-    img = _paint(img, pin_cov, np.zeros(3, np.float32)) + (pin_cov * pin_shade)[..., None] * np.array([0.95, 0.95, 0.93], np.float32)
-    if defect is not None and defect["kind"] == "solder_bridge":
+    img = img * (1 - pins[..., None]) + (pins * pin_shade)[..., None] * np.array([0.95, 0.95, 0.93], np.float32)
+    if kind == "solder_bridge":
         rng = np.random.default_rng(defect["seed"])
         s, t = _side_frame(u, v, defect["side"])
-        mid_t = -_CHIP_PIN_SPAN + (defect["pin"] + 0.5) * _CHIP_PITCH
-        ang = np.arctan2(t - mid_t, s - (_CHIP_BODY + 0.75 * _CHIP_PIN_LEN))
-        wobble = 1 + 0.15 * np.cos(3 * ang + rng.uniform(0, 6.3))
-        ell = np.hypot((t - mid_t) / (0.75 * _CHIP_PITCH), (s - (_CHIP_BODY + 0.75 * _CHIP_PIN_LEN)) / (0.4 * _CHIP_PIN_LEN))
-        bridge = _cover((ell - wobble) * 0.02, size, scale)
-        glint = np.exp(-(((t - mid_t) / (0.3 * _CHIP_PITCH)) ** 2 + ((s - _CHIP_BODY - 0.7 * _CHIP_PIN_LEN) / (0.15 * _CHIP_PIN_LEN)) ** 2))
+        dt = t - (-_CHIP_PIN_SPAN + (defect["pin"] + 0.5) * _CHIP_PITCH)
+        ds = s - (_CHIP_BODY + 0.75 * _CHIP_PIN_LEN)
+        wobble = 1 + 0.15 * np.cos(3 * np.arctan2(dt, ds) + rng.uniform(0, 6.3))
+        ell = np.hypot(dt / (0.75 * _CHIP_PITCH), ds / (0.4 * _CHIP_PIN_LEN))
+        bridge = _cover((ell - wobble) * 0.02, size)
+        glint = np.exp(-((dt / (0.3 * _CHIP_PITCH)) ** 2 + ((ds + 0.05 * _CHIP_PIN_LEN) / (0.15 * _CHIP_PIN_LEN)) ** 2))
         img = _paint(img, bridge, solder_colour * 0.85) + (bridge * 0.2 * glint)[..., None]
 
     # package: black epoxy, bevelled edge, pin-1 dimple, laser marking
     body_d = _box_sdf(u, v, _CHIP_BODY, _CHIP_BODY)
-    body = _cover(body_d, size, scale)
-    bevel = np.clip(1 + body_d / 0.012, 0, 1)  # 1 at the edge, 0 inside the top face
+    body = _cover(body_d, size)
+    bevel = np.clip(1 + body_d / 0.012, 0, 1)  # 1 at the edge, 0 on the flat top
     edge_facing = np.where(np.abs(u) > np.abs(v), np.sign(u) * lu, np.sign(v) * lv)
-    epoxy = 0.11 + 0.012 * scene["body_noise"] + bevel * (0.05 + 0.07 * edge_facing)
-    dimple = _cover(np.hypot(u + _CHIP_BODY - 0.045, v + _CHIP_BODY - 0.045) - 0.016, size, scale)
-    epoxy = epoxy + 0.05 * dimple - 0.03 * dimple * ((u + _CHIP_BODY - 0.045) * lu + (v + _CHIP_BODY - 0.045) * lv) / 0.016
-    glyphs = design["glyphs"]
+    epoxy = 0.11 + 0.012 * _design_noise(size, 0.7, 3)[window] + bevel * (0.05 + 0.07 * edge_facing)
+    du, dv = u + _CHIP_BODY - 0.045, v + _CHIP_BODY - 0.045
+    dimple = _cover(np.hypot(du, dv) - 0.016, size)
+    epoxy = epoxy + 0.05 * dimple - 0.03 * dimple * (du * lu + dv * lv) / 0.016
     dot = 0.0085
-    gx = (u + 0.115) / dot  # 7 characters of 3 dots + 1 gap -> 28 dots wide
-    gy = (v + 0.04) / dot   # 3 lines of 5 dots + 2 gap
-    col, row = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
-    char, cx = col // 4, col % 4
-    line, cy = row // 7, row % 7
+    col, row = np.floor((u + 0.115) / dot).astype(np.int64), np.floor((v + 0.04) / dot).astype(np.int64)
+    char, cx, line, cy = col // 4, col % 4, row // 7, row % 7  # 3-dot glyphs + gap, 5-dot lines + 2 gap
     inside = (col >= 0) & (char < 7) & (row >= 0) & (line < 3) & (cx < 3) & (cy < 5)
-    lit = np.zeros_like(inside)
-    lit[inside] = glyphs[line[inside], char[inside], cy[inside], cx[inside]]
+    lit = np.zeros(u.shape, bool)
+    lit[inside] = design["glyphs"][line[inside], char[inside], cy[inside], cx[inside]]
     epoxy = epoxy + 0.13 * lit
     package = epoxy[..., None] * np.array([1.0, 1.0, 1.04], np.float32)
     img = img * (1 - body[..., None]) + package * body[..., None]
 
-    if defect is not None and defect["kind"] == "contamination":
-        img = _overlay_defect(img, defect, np.ones_like(body), scene["overlay_seed"])
-    if defect is not None and defect["kind"] == "scratch":
-        inner = _cover(body_d + 0.01, size, scale)
-        img = _overlay_defect(img, defect, inner, scene["overlay_seed"])
-    return img * scene["lighting"], body
+    if kind == "contamination":
+        img = _overlay_defect(img, size, defect, np.ones_like(body), window)
+    elif kind == "scratch":
+        img = _overlay_defect(img, size, defect, _cover(body_d + 0.01, size), window)
+    grain = 0.01 + 0.004 * body
+    return img.astype(np.float32), grain
 
 
-_OBJECTS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "nut": (_nut_scene, _nut_defect, _render_nut),
-    "chip": (_chip_scene, _chip_defect, _render_chip),
+_OBJECTS: dict[str, tuple[Callable, Callable]] = {
+    "nut": (_nut_defect, _render_nut),
+    "chip": (_chip_defect, _render_chip),
 }
+
+
+@lru_cache(maxsize=16)
+def _clean_canvas(category: str, size: int) -> Array:
+    """[canvas, canvas, 4]: defect-free render + grain amplitude (read-only)."""
+    img, grain = _OBJECTS[category][1](size, None)
+    out = np.concatenate([img, grain[..., None]], axis=-1).astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def _warp(canvas: Array, size: int, offset: Array, rotation: float, scale: float) -> Array:
+    """Canvas [C, C, K] -> [size, size, K]: the object moved by `offset` pixels, rotated,
+    scaled (bilinear)."""
+    centre = canvas.shape[0] / 2
+    c, s = math.cos(rotation) / scale, math.sin(rotation) / scale
+    ox, oy = size / 2 + offset[0], size / 2 + offset[1]
+    coeffs = (c, s, centre - (c * ox + s * oy), -s, c, centre - (-s * ox + c * oy))
+    channels = []
+    for k in range(canvas.shape[-1]):
+        plane = Image.fromarray(np.ascontiguousarray(canvas[..., k], dtype=np.float32), mode="F")
+        channels.append(np.asarray(plane.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)))
+    return np.stack(channels, axis=-1)
 
 
 def _object_sample(category: str, defect_type: str | None, size: int, rng: np.random.Generator
                    ) -> tuple[Array, Array, Array]:
-    """(image, the same scene rendered without the defect, mask)."""
-    make_scene, make_defect, render = _OBJECTS[category]
-    scene = make_scene(size, rng)
-    clean, _ = render(scene, None)
-    noise = _sensor_noise(clean.shape, 0.01, rng)
+    """(image, the same picture without the defect, mask)."""
+    make_defect, render = _OBJECTS[category]
+    unit = size / 224.0
+    offset = np.clip(rng.normal(0, 1.5 * unit, 2), -4 * unit, 4 * unit)
+    rotation = float(np.clip(rng.normal(0, 0.015), -0.04, 0.04))
+    scale = float(rng.uniform(0.985, 1.015))
+    lighting = _lighting(size, rng, gain=(0.9, 1.1), slope=(0.05, 0.3))
+    grain_field = _smooth_field((size, size), 0.8 * unit, rng)[..., None]
+    noise = _sensor_noise((size, size, 3), 0.01, rng)
+
+    def finish(rgb_grain: Array) -> Array:
+        return (rgb_grain[..., :3] + rgb_grain[..., 3:] * grain_field) * lighting
+
+    warped_clean = _warp(_clean_canvas(category, size), size, offset, rotation, scale)
+    clean = finish(warped_clean)
     image = clean
     mask = np.zeros((size, size), bool)
     if defect_type is not None:
         for _ in range(_MAX_DEFECT_ATTEMPTS):
-            image, _ = render(scene, make_defect(scene, defect_type, rng))
+            defect = make_defect(defect_type, rng)
+            window = _defect_window(size, defect)
+            canvas = np.array(_clean_canvas(category, size)[..., :3])
+            canvas[window], _ = render(size, defect, window)
+            image = finish(np.concatenate([_warp(canvas, size, offset, rotation, scale), warped_clean[..., 3:]], -1))
             mask = _defect_mask(np.clip(clean, 0, 1), np.clip(image, 0, 1))
             if _mask_ok(mask, size):
                 break
-            scene["overlay_seed"] = int(rng.integers(2**31))
-        else:  # pragma: no cover
+        else:  # pragma: no cover - the parameter ranges make this practically impossible
             raise RuntimeError(f"could not place a visible {defect_type} defect on {category}")
     return _to_uint8(image + noise), _to_uint8(clean + noise), mask
 
@@ -740,7 +801,7 @@ def _object_sample(category: str, defect_type: str | None, size: int, rng: np.ra
 def _sample(category: str, defect_type: str | None, size: int, rng: np.random.Generator
             ) -> tuple[Array, Array, Array]:
     """One picture of `category` (defect-free when `defect_type` is None): (image uint8
-    [S,S,3], defect-free version uint8 [S,S,3], mask bool [S,S])."""
+    [S,S,3], its defect-free twin uint8 [S,S,3], mask bool [S,S])."""
     if category in _TEXTURES:
         return _texture_sample(category, defect_type, size, rng)
     return _object_sample(category, defect_type, size, rng)

@@ -57,8 +57,8 @@ Array = np.ndarray
 
 # ============================================================================ small tools
 def _min_defect_area(size: int) -> int:
-    """Smallest accepted mask (pixels): ~0.12 % of the image, so no defect is a speck."""
-    return max(12, int(round(0.0012 * size * size)))
+    """Smallest wanted mask (pixels): ~0.12 % of the image, so no defect is a speck."""
+    return max(4, int(round(0.0012 * size * size)))
 
 
 def _max_defect_area(size: int) -> int:
@@ -123,7 +123,8 @@ def _stroke_alpha(size: int, strokes: list[tuple[Array, Array]], supersample: in
 
 def _defect_mask(clean: Array, defective: Array, tolerance: float = MASK_TOLERANCE) -> Array:
     """Pixels that changed by more than `tolerance` in some channel; 1-pixel gaps closed,
-    holes filled, specks (< 4 px) dropped."""
+    holes filled, specks dropped (< 4 px; smaller at small sizes, where a whole defect
+    can be that small)."""
     changed = np.abs(defective - clean).max(axis=-1) > tolerance
     padded = np.pad(changed, 2)
     closed = ndimage.binary_closing(padded, structure=np.ones((3, 3), bool))[2:-2, 2:-2]
@@ -131,13 +132,26 @@ def _defect_mask(clean: Array, defective: Array, tolerance: float = MASK_TOLERAN
     labels, n = ndimage.label(mask)
     if n:
         sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 4))
+        min_speck = max(1, min(4, clean.shape[0] // 24))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= min_speck))
     return mask
 
 
-def _mask_ok(mask: Array, size: int) -> bool:
-    area = int(mask.sum())
-    return _min_defect_area(size) <= area <= _max_defect_area(size)
+def _place_defect(attempt: Callable[[], tuple[Array, Array]], size: int, what: str) -> tuple[Array, Array]:
+    """Calls `attempt() -> (defective image, mask)` until the mask is neither a speck nor
+    huge. Small images can make every try tiny: then the largest non-empty one is kept."""
+    best: tuple[Array, Array] | None = None
+    for _ in range(_MAX_DEFECT_ATTEMPTS):
+        image, mask = attempt()
+        area = int(mask.sum())
+        if _min_defect_area(size) <= area <= _max_defect_area(size):
+            return image, mask
+        if 0 < area <= _max_defect_area(size) and (best is None or area > int(best[1].sum())):
+            best = (image, mask)
+    if best is None:
+        raise RuntimeError(f"could not draw a visible {what} at image_size={size}; use larger images")
+    logger.debug("%s at image_size=%d: kept a %d-pixel defect", what, size, int(best[1].sum()))
+    return best
 
 
 def _to_uint8(img: Array) -> Array:
@@ -340,15 +354,14 @@ def _texture_sample(category: str, defect_type: str | None, size: int, rng: np.r
             "stain": lambda x: _stain(x, rng),
             "foreign_material": lambda x: _foreign_material(x, category, rng),
         }[defect_type]
-        for _ in range(_MAX_DEFECT_ATTEMPTS):
+
+        def attempt() -> tuple[Array, Array]:
             image = apply(clean)
             if rng.random() < 0.25:  # sometimes two defects of the kind
                 image = apply(image)
-            mask = _defect_mask(np.clip(clean, 0, 1), np.clip(image, 0, 1))
-            if _mask_ok(mask, size):
-                break
-        else:  # pragma: no cover - the parameter ranges make this practically impossible
-            raise RuntimeError(f"could not place a visible {defect_type} defect on {category}")
+            return image, _defect_mask(np.clip(clean, 0, 1), np.clip(image, 0, 1))
+
+        image, mask = _place_defect(attempt, size, f"{defect_type} on {category}")
     return _to_uint8(image + noise), _to_uint8(clean + noise), mask
 
 
@@ -786,17 +799,16 @@ def _object_sample(category: str, defect_type: str | None, size: int, rng: np.ra
     image = clean
     mask = np.zeros((size, size), bool)
     if defect_type is not None:
-        for _ in range(_MAX_DEFECT_ATTEMPTS):
+
+        def attempt() -> tuple[Array, Array]:
             defect = make_defect(defect_type, rng)
             window = _defect_window(size, defect)
             canvas = np.array(_clean_canvas(category, size)[..., :3])
             canvas[window], _ = render(size, defect, window)
             image = finish(np.concatenate([_warp(canvas, size, offset, rotation, scale), warped_clean[..., 3:]], -1))
-            mask = _defect_mask(np.clip(clean, 0, 1), np.clip(image, 0, 1))
-            if _mask_ok(mask, size):
-                break
-        else:  # pragma: no cover - the parameter ranges make this practically impossible
-            raise RuntimeError(f"could not place a visible {defect_type} defect on {category}")
+            return image, _defect_mask(np.clip(clean, 0, 1), np.clip(image, 0, 1))
+
+        image, mask = _place_defect(attempt, size, f"{defect_type} on {category}")
     return _to_uint8(image + noise), _to_uint8(clean + noise), mask
 
 

@@ -92,17 +92,18 @@ def test_category_does_not_depend_on_the_others(dataset, tmp_path):
 def test_defects_change_exactly_the_masked_pixels(category):
     size = 96
     tolerance = demo.MASK_TOLERANCE * 255
-    for k, defect_type in enumerate(DEMO_DEFECT_TYPES[category]):
-        image, clean, mask = demo._sample(category, defect_type, size, np.random.default_rng(k))
-        assert image.shape == clean.shape == (size, size, 3) and image.dtype == clean.dtype == np.uint8
-        assert mask.shape == (size, size) and mask.dtype == bool
-        diff = np.abs(image.astype(int) - clean.astype(int)).max(axis=-1)
-        assert mask.sum() >= demo._min_defect_area(size), (category, defect_type)
-        # inside: clearly changed (holes filled / 1-px gaps closed may add a few unchanged pixels)
-        assert (diff[mask] > tolerance / 2).mean() > 0.7, (category, defect_type)
-        assert diff[mask].mean() > 1.5 * tolerance, (category, defect_type)
-        # outside: unchanged up to the tolerance, but for dropped specks
-        assert (diff[~mask] > tolerance + 1).sum() <= 0.002 * size * size, (category, defect_type)
+    for defect_type in DEMO_DEFECT_TYPES[category]:
+        for seed in range(3):
+            image, clean, mask = demo._sample(category, defect_type, size, np.random.default_rng(seed))
+            assert image.shape == clean.shape == (size, size, 3) and image.dtype == clean.dtype == np.uint8
+            assert mask.shape == (size, size) and mask.dtype == bool
+            diff = np.abs(image.astype(int) - clean.astype(int)).max(axis=-1)
+            assert mask.sum() >= demo._min_defect_area(size), (category, defect_type, seed)
+            # inside: clearly changed (holes filled / 1-px gaps closed may add a few unchanged pixels)
+            assert (diff[mask] > tolerance / 2).mean() > 0.7, (category, defect_type, seed)
+            assert diff[mask].mean() > 1.5 * tolerance, (category, defect_type, seed)
+            # outside: unchanged up to the tolerance, but for dropped specks
+            assert (diff[~mask] > tolerance + 1).sum() <= 0.002 * size * size, (category, defect_type, seed)
 
 
 @pytest.mark.parametrize("category", DEMO_CATEGORIES)

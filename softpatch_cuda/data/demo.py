@@ -268,7 +268,7 @@ def _scratch(img: Array, rng: np.random.Generator, coverage: Array | None = None
     angle = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(angle), np.sin(angle)])
     points = _curve_points(centre - 0.5 * length * direction, angle, length, 12, rng.uniform(0.02, 0.08), rng)
-    width = rng.uniform(1.2, 2.6) * unit
+    width = max(1.0, rng.uniform(1.2, 2.6) * unit)  # thinner than a pixel would fade out
     alpha = _stroke_alpha(size, [(points, np.full(len(points) - 1, width))])
     alpha *= np.clip(0.75 + 0.25 * _smooth_field((size, size), 6 * unit, rng), 0.3, 1.0)
     if coverage is not None:

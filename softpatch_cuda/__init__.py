@@ -11,6 +11,8 @@ from importlib import metadata as _metadata
 
 from . import _core, ops
 from ._core import CudaError
+from .models import PatchCore, SoftPatch, SoftPatchPlus, load_model
+from .results import Prediction, TrainingReport
 from .runtime import cuda_available, cuda_unavailable_reason, resolve_device
 
 try:
@@ -30,10 +32,16 @@ def build_info() -> dict:
 
 __all__ = [
     "CudaError",
+    "PatchCore",
+    "Prediction",
+    "SoftPatch",
+    "SoftPatchPlus",
+    "TrainingReport",
     "__version__",
     "build_info",
     "cuda_available",
     "cuda_unavailable_reason",
+    "load_model",
     "ops",
     "resolve_device",
 ]

@@ -155,6 +155,7 @@ class _Detector:
         self._threshold: float = float("nan")
         self._report: TrainingReport | None = None
         self.fit_info_: dict[str, Any] = {}
+        self.predict_timings_: dict[str, float] = {}
 
     @property
     def config(self) -> dict:
@@ -406,25 +407,43 @@ class _Detector:
 
         names, sources, sizes, scores, maps, patches = [], [], [], [], [], []
         total = count_images(images)
+        # where predict time goes (read by benchmarks/bench_pipeline.py); on CUDA the
+        # .cpu() copies synchronise, so the split is approximate there
+        timings = {"load_s": 0.0, "features_s": 0.0, "knn_s": 0.0, "maps_s": 0.0}
+        batches = iter_batches(images, self.transform, self._config["batch_size"])
         with tqdm(total=total, desc="predict", unit="img", disable=not self._config["progress"]) as bar:
-            for batch in iter_batches(images, self.transform, self._config["batch_size"]):
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                timings["load_s"] += time.perf_counter() - t0
+                if batch is None:
+                    break
+                t0 = time.perf_counter()
                 emb = self._embed_batch(batch.pixels)
                 b, h, w, dim = emb.shape
                 if dim != self._cls_bank.features.shape[1]:
                     raise ValueError(f"feature dimension {dim} does not match the memory bank ({self._cls_bank.features.shape[1]})")
                 flat = emb.reshape(-1, dim)
+                t1 = time.perf_counter()
+                timings["features_s"] += t1 - t0
                 cls = self._cls_bank.score(flat).reshape(b, h, w)
                 scores.append(image_scores_from_patches(cls).cpu())
                 if with_maps:
                     seg = cls if self._seg_bank is None else self._seg_bank.score(flat).reshape(b, h, w)
-                    maps.append(patch_scores_to_maps(seg, tuple(batch.pixels.shape[-2:])).cpu())
                     patches.append(seg.cpu())
+                    t2 = time.perf_counter()
+                    maps.append(patch_scores_to_maps(seg, tuple(batch.pixels.shape[-2:])).cpu())
+                    timings["maps_s"] += time.perf_counter() - t2
+                    timings["knn_s"] += t2 - t1
+                else:
+                    timings["knn_s"] += time.perf_counter() - t1
                 names += batch.names
                 sources += batch.sources
                 sizes += batch.sizes
                 bar.update(len(batch))
         if not names:
             raise ValueError("images: no images were given")
+        self.predict_timings_ = timings
         score_arr = torch.cat(scores).numpy().astype(np.float32)
         if with_maps:
             map_arr = torch.cat(maps).numpy().astype(np.float32)

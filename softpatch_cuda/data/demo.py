@@ -175,25 +175,28 @@ def _sensor_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator
 # ============================================================================ textures
 # Tint ramps (dark colour, light colour) applied to the grey photographs; brick is
 # anisotropic (courses run horizontally, perspective), so it is never rotated.
+_OIL, _RUST, _RESIN, _CHALK = (0.22, 0.18, 0.14), (0.62, 0.32, 0.12), (0.85, 0.78, 0.30), (1.00, 1.00, 0.97)
+_STEEL_CHIPS = ((0.10, 0.10, 0.12), (0.70, 0.72, 0.80))
+_STRAW = ((0.25, 0.12, 0.02), (0.95, 0.75, 0.35))
+_RUBBER = ((0.02, 0.02, 0.02), (0.45, 0.42, 0.40))
+_FIBRE = ((0.20, 0.05, 0.15), (0.90, 0.55, 0.80))
+# Tint ramps (dark, light colour) for the grey photographs; brick is anisotropic (courses
+# run horizontally, perspective), so it is never rotated. Each material has a couple of
+# characteristic stains and foreign materials (photograph, tint) -- as a production line
+# has its own failure modes -- so defects of a type look alike across images, which is
+# what makes defective images in the training set harmful for plain PatchCore.
 _TEXTURES: dict[str, dict] = {
-    "brick": dict(dark=(0.16, 0.07, 0.05), light=(0.98, 0.74, 0.62), isotropic=False, window=0.5),
-    "grass": dict(dark=(0.05, 0.10, 0.02), light=(0.78, 0.92, 0.50), isotropic=True, window=0.5),
-    "gravel": dict(dark=(0.10, 0.09, 0.08), light=(0.95, 0.92, 0.86), isotropic=True, window=0.42),
+    "brick": dict(dark=(0.16, 0.07, 0.05), light=(0.98, 0.74, 0.62), isotropic=False, window=0.5,
+                  stains=(_OIL, _CHALK), foreign=(("gravel", _STEEL_CHIPS), ("moon", _RUBBER))),
+    "grass": dict(dark=(0.05, 0.10, 0.02), light=(0.78, 0.92, 0.50), isotropic=True, window=0.5,
+                  stains=(_RUST, _RESIN), foreign=(("gravel", _STRAW), ("brick", _FIBRE))),
+    "gravel": dict(dark=(0.10, 0.09, 0.08), light=(0.95, 0.92, 0.86), isotropic=True, window=0.42,
+                   stains=(_RUST, _OIL), foreign=(("grass", _STRAW), ("ihc", _FIBRE))),
 }
-# Colours that foreign material gets tinted with (another material than the host).
-_FOREIGN_TINTS = (
-    ((0.10, 0.10, 0.12), (0.70, 0.72, 0.80)),  # bluish grey (metal chips)
-    ((0.25, 0.12, 0.02), (0.95, 0.75, 0.35)),  # sawdust / straw
-    ((0.02, 0.02, 0.02), (0.45, 0.42, 0.40)),  # dark rubber / coal
-    ((0.20, 0.05, 0.15), (0.90, 0.55, 0.80)),  # dyed fibre
-)
-_STAIN_COLOURS = (
-    (0.22, 0.18, 0.14),  # oil
-    (0.62, 0.32, 0.12),  # rust
-    (0.18, 0.24, 0.55),  # ink
-    (0.85, 0.78, 0.30),  # resin / yellow
-    (1.00, 1.00, 0.97),  # bleach / chalk (lightens)
-)
+
+
+def _jitter_colour(colour: tuple, rng: np.random.Generator, amount: float = 0.04) -> Array:
+    return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32), 0, 1)
 
 
 @lru_cache(maxsize=None)
@@ -305,18 +308,17 @@ def _crack(img: Array, rng: np.random.Generator) -> Array:
     return img * (1 - darkening)
 
 
-def _stain(img: Array, rng: np.random.Generator, coverage: Array | None = None,
-           radius_range: tuple[float, float] = (0.06, 0.14)) -> Array:
-    """Translucent coloured blob with blurred edges (oil, rust, ink, resin, bleach)."""
+def _stain(img: Array, category: str, rng: np.random.Generator, radius_range: tuple[float, float] = (0.06, 0.14)
+           ) -> Array:
+    """Translucent coloured blob with blurred edges (oil, rust, resin, chalk)."""
     size = img.shape[0]
     unit = size / 224.0
     radius = rng.uniform(*radius_range) * size
     alpha = _blob_alpha(size, _defect_centre(size, rng), radius, 2.0, rng, roughness=0.45)
     alpha = ndimage.gaussian_filter(alpha, rng.uniform(1.5, 4.0) * unit)
     alpha *= np.clip(0.8 + 0.2 * _smooth_field((size, size), 4 * unit, rng), 0, 1)
-    if coverage is not None:
-        alpha *= coverage
-    colour = np.asarray(_STAIN_COLOURS[int(rng.integers(len(_STAIN_COLOURS)))], np.float32)
+    stains = _TEXTURES[category]["stains"]
+    colour = _jitter_colour(stains[int(rng.integers(len(stains)))], rng)
     a = (alpha * rng.uniform(0.65, 0.9))[..., None]
     stained = img * colour * 0.6 + colour * 0.4  # keeps some of the texture under the stain
     return img * (1 - a) + stained * a
@@ -327,15 +329,14 @@ def _foreign_material(img: Array, category: str, rng: np.random.Generator) -> Ar
     soft-edged irregular mask."""
     size = img.shape[0]
     unit = size / 224.0
-    others = [name for name in DEMO_TEXTURES if name != category] + ["moon", "ihc"]
-    source_name = others[int(rng.integers(len(others)))]
+    options = _TEXTURES[category]["foreign"]
+    source_name, (dark, light) = options[int(rng.integers(len(options)))]
     source = _photo(source_name)
     window = source.shape[0] * rng.uniform(0.25, 0.6)
     patch = _sample_crop(source, size, window, rng.uniform(0, 2 * np.pi), bool(rng.integers(2)), rng)
     lo, hi = np.percentile(patch, [2, 98])
     patch = (patch - lo) / max(hi - lo, 1e-3)  # full contrast, whatever the source
-    dark, light = _FOREIGN_TINTS[int(rng.integers(len(_FOREIGN_TINTS)))]
-    patch_rgb = _tint(patch, dark, light)
+    patch_rgb = _tint(patch, _jitter_colour(dark, rng), _jitter_colour(light, rng))
     alpha = _blob_alpha(size, _defect_centre(size, rng), rng.uniform(0.05, 0.11) * size,
                         rng.uniform(1.0, 2.5) * unit, rng, roughness=0.5)
     a = alpha[..., None]
@@ -353,7 +354,7 @@ def _texture_sample(category: str, defect_type: str | None, size: int, rng: np.r
         apply: Callable[[Array], Array] = {
             "scratch": lambda x: _scratch(x, rng),
             "crack": lambda x: _crack(x, rng),
-            "stain": lambda x: _stain(x, rng),
+            "stain": lambda x: _stain(x, category, rng),
             "foreign_material": lambda x: _foreign_material(x, category, rng),
         }[defect_type]
 
@@ -487,7 +488,7 @@ _NUT_FACE = 0.93 * _NUT_APOTHEM   # flat circular top face (the chamfer cuts the
 _NUT_HOLE = 0.47 * _NUT_APOTHEM
 _NUT_SINK = _NUT_HOLE + 0.035     # countersink ring around the hole
 _NUT_LIGHT = -2.3                 # light from the upper left (radians, image y down)
-_NUT_CONTAMINANTS = ((0.12, 0.09, 0.06), (0.55, 0.28, 0.10), (0.85, 0.82, 0.74), (0.20, 0.30, 0.10))
+_NUT_CONTAMINANTS = ((0.12, 0.09, 0.06), (0.55, 0.28, 0.10))  # grease, rust
 
 
 def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
@@ -507,7 +508,7 @@ def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
         return dict(kind="dent", centre=0.98 * edge_r * direction, direction=direction,
                     depth=float(rng.uniform(0.01, 0.02)), sigma=sigma, roi=(0.98 * edge_r * direction, 3.5 * sigma))
     if defect_type == "contamination":
-        colour = _NUT_CONTAMINANTS[int(rng.integers(len(_NUT_CONTAMINANTS)))]
+        colour = _jitter_colour(_NUT_CONTAMINANTS[int(rng.integers(len(_NUT_CONTAMINANTS)))], rng)
         centre, radius = _object_point(rng, _NUT_SINK, 0.95 * _NUT_APOTHEM), float(rng.uniform(0.018, 0.04))
         return dict(kind="contamination", centre=centre, radius=radius, colour=colour,
                     opacity=float(rng.uniform(0.45, 0.8)), seed=int(rng.integers(2**31)),
@@ -592,7 +593,7 @@ _CHIP_PIN_LEN = 0.06
 _CHIP_PAD_HALF_W = 0.36 * _CHIP_PITCH
 _CHIP_SOLDER = (0.80, 0.80, 0.76)
 _CHIP_LIGHT = -2.2
-_CHIP_CONTAMINANTS = ((0.75, 0.55, 0.15), (0.65, 0.65, 0.62), (0.05, 0.04, 0.03))
+_CHIP_CONTAMINANTS = ((0.75, 0.55, 0.15), (0.65, 0.65, 0.62))  # flux residue, dust
 
 
 @lru_cache(maxsize=1)
@@ -637,7 +638,7 @@ def _chip_defect(defect_type: str, rng: np.random.Generator) -> dict:
         return dict(kind="solder_bridge", side=side, pin=pin, seed=int(rng.integers(2**31)), roi=(centre, 0.05))
     if defect_type == "contamination":
         reach = _CHIP_BODY + _CHIP_PIN_LEN
-        colour = _CHIP_CONTAMINANTS[int(rng.integers(len(_CHIP_CONTAMINANTS)))]
+        colour = _jitter_colour(_CHIP_CONTAMINANTS[int(rng.integers(len(_CHIP_CONTAMINANTS)))], rng)
         centre, radius = rng.uniform(-reach, reach, 2), float(rng.uniform(0.02, 0.045))
         return dict(kind="contamination", centre=centre, radius=radius, colour=colour,
                     opacity=float(rng.uniform(0.6, 0.85)), seed=int(rng.integers(2**31)),

@@ -123,9 +123,9 @@ def test_objects_are_aligned_textures_are_not():
         return np.array([np.corrcoef(grey[0].ravel(), g.ravel())[0, 1] for g in grey[1:]])
 
     for category in demo.DEMO_OBJECTS:
-        assert correlations(category).min() > 0.8, category
+        assert correlations(category).min() > 0.6, category
     for category in demo.DEMO_TEXTURES:
-        assert np.abs(correlations(category)).max() < 0.5, category
+        assert np.abs(correlations(category)).max() < 0.35, category
 
 
 def test_rerun_replaces_previous_images_and_keeps_other_files(tmp_path):

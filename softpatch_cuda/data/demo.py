@@ -34,7 +34,7 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 DEMO_TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")
-DEMO_OBJECTS: tuple[str, ...] = ("nut", "chip")
+DEMO_OBJECTS: tuple[str, ...] = ("nut", "chip", "capsule")
 DEMO_CATEGORIES: tuple[str, ...] = DEMO_TEXTURES + DEMO_OBJECTS
 
 TEXTURE_DEFECTS: tuple[str, ...] = ("scratch", "crack", "stain", "foreign_material")
@@ -42,6 +42,7 @@ DEMO_DEFECT_TYPES: dict[str, tuple[str, ...]] = {
     **{name: TEXTURE_DEFECTS for name in DEMO_TEXTURES},
     "nut": ("chipped", "dent", "contamination", "scratch"),
     "chip": ("missing_pin", "bent_pin", "solder_bridge", "contamination", "scratch"),
+    "capsule": ("crack", "squeeze", "poke", "faulty_imprint"),
 }
 
 MIN_IMAGE_SIZE = 32
@@ -284,13 +285,16 @@ def _scratch(img: Array, rng: np.random.Generator, coverage: Array | None = None
     return img * (1 - a) + target * a
 
 
-def _crack(img: Array, rng: np.random.Generator) -> Array:
-    """Dark jagged line with tapering width and 1-3 branches, and a faint dark halo."""
+def _crack(img: Array, rng: np.random.Generator, coverage: Array | None = None, centre: Array | None = None,
+           unit: float | None = None, length_range: tuple[float, float] = (0.25, 0.5)) -> Array:
+    """Dark jagged line with tapering width and 1-3 branches, and a faint dark halo.
+    Lengths are fractions of 224 * unit pixels (unit = image side / 224 by default)."""
     size = img.shape[0]
-    unit = size / 224.0
-    length = rng.uniform(0.25, 0.5) * size
+    unit = size / 224.0 if unit is None else unit
+    length = rng.uniform(*length_range) * 224 * unit
     angle = rng.uniform(0, 2 * np.pi)
-    centre = _defect_centre(size, rng)
+    if centre is None:
+        centre = _defect_centre(size, rng)
     start = centre - 0.5 * length * np.array([np.cos(angle), np.sin(angle)])
     main = _curve_points(start, angle, length, 24, 0.35, rng)
     base_width = rng.uniform(2.0, 3.5) * unit
@@ -304,8 +308,10 @@ def _crack(img: Array, rng: np.random.Generator) -> Array:
         strokes.append((branch, base_width * taper[i] * np.linspace(0.8, 0.3, len(branch) - 1)))
     alpha = _stroke_alpha(size, strokes)
     halo = ndimage.gaussian_filter(alpha, 1.5 * unit)
-    darkening = np.clip(0.85 * alpha + 0.25 * halo, 0, 0.92)[..., None]
-    return img * (1 - darkening)
+    darkening = np.clip(0.85 * alpha + 0.25 * halo, 0, 0.92)
+    if coverage is not None:
+        darkening = darkening * coverage
+    return img * (1 - darkening[..., None])
 
 
 def _stain(img: Array, category: str, rng: np.random.Generator, radius_range: tuple[float, float] = (0.06, 0.14)
@@ -753,9 +759,131 @@ def _render_chip(size: int, defect: dict | None, window: Window | None = None) -
     return img.astype(np.float32), grain
 
 
+# ---------------------------------------------------------------------------- capsule
+_CAPSULE_HALF = 0.2               # half length of the straight part
+_CAPSULE_R = 0.115                # shell radius
+_CAPSULE_SEAM = 0.03              # the cap (left) overlaps the body up to here
+_CAPSULE_CAP_R = _CAPSULE_R + 0.005
+_CAPSULE_LIGHT = np.array([-0.35, -0.55, 0.76])  # unit vector, image y down, z towards the camera
+_CAPSULE_PRINT_DOT = 0.011
+_CAPSULE_PRINT_U = 0.09           # left edge of the imprint (on the ivory body)
+
+
+def _capsule_sdf(u: Array, v: Array, radius: float) -> Array:
+    return np.hypot(u - np.clip(u, -_CAPSULE_HALF, _CAPSULE_HALF), v) - radius
+
+
+def _capsule_defect(defect_type: str, rng: np.random.Generator) -> dict:
+    if defect_type == "squeeze":
+        side = float(rng.choice([-1.0, 1.0]))
+        centre = np.array([rng.uniform(-0.8, 0.8) * _CAPSULE_HALF, side * _CAPSULE_R])
+        sigma = float(rng.uniform(0.03, 0.05))
+        return dict(kind="squeeze", centre=centre, direction=np.array([0.0, side]), sigma=sigma,
+                    depth=float(rng.uniform(0.012, 0.022)), roi=(centre, 3.5 * sigma))
+    if defect_type == "poke":
+        centre = np.array([rng.uniform(-1.1, 1.1) * _CAPSULE_HALF, rng.uniform(-0.55, 0.55) * _CAPSULE_R])
+        sigma = float(rng.uniform(0.009, 0.015))
+        return dict(kind="poke", centre=centre, sigma=sigma, roi=(centre, 4 * sigma))
+    if defect_type == "crack":
+        centre = np.array([rng.uniform(-1.0, 1.0) * _CAPSULE_HALF, rng.uniform(-0.5, 0.5) * _CAPSULE_R])
+        return dict(kind="crack", centre=centre, length=(0.06, 0.14), seed=int(rng.integers(2**31)),
+                    roi=(centre, 0.5 * 0.14 + 0.04))
+    if defect_type == "faulty_imprint":
+        width = 4 * 4 * _CAPSULE_PRINT_DOT
+        centre = np.array([_CAPSULE_PRINT_U + rng.uniform(0.1, 0.9) * width, rng.uniform(-0.02, 0.02)])
+        return dict(kind="faulty_imprint", centre=centre, radius=float(rng.uniform(0.018, 0.035)),
+                    smear=bool(rng.random() < 0.5), seed=int(rng.integers(2**31)), roi=(centre, 0.09))
+    raise ValueError(defect_type)
+
+
+def _render_capsule(size: int, defect: dict | None, window: Window | None = None) -> tuple[Array, Array]:
+    """Two-tone gelatin capsule (red cap, ivory body, dot-matrix imprint) lying on a light
+    grey tray, in the object frame. Returns (RGB in [0, 1], grain amplitude)."""
+    u, v, window = _frame(size, window)
+    kind = None if defect is None else defect["kind"]
+    bump = None
+    su, sv = u, v
+    if kind in ("squeeze", "poke"):
+        du, dv = u - defect["centre"][0], v - defect["centre"][1]
+        bump = np.exp(-(du * du + dv * dv) / (2 * defect["sigma"] ** 2))
+    if kind == "squeeze":  # outline pushed in (SDF evaluated at outward-warped points)
+        su = u + defect["depth"] * bump * defect["direction"][0]
+        sv = v + defect["depth"] * bump * defect["direction"][1]
+    body_d = _capsule_sdf(su, sv, _CAPSULE_R)
+    cap_d = np.maximum(_capsule_sdf(su, sv, _CAPSULE_CAP_R), su - _CAPSULE_SEAM)
+    shell = _cover(np.minimum(body_d, cap_d), size)
+    cap = _cover(cap_d, size)
+
+    shadow_d = _capsule_sdf(u - 0.015, v - 0.022, _CAPSULE_R)
+    tray = (0.74 + 0.012 * _design_noise(size, 1.2, 4)[window]) * (1 - 0.35 * np.clip(0.5 - shadow_d / 0.05, 0, 1))
+    img = tray[..., None] * np.array([1.0, 0.99, 0.96], np.float32)
+
+    # cylinder / hemisphere normals of the (possibly deformed) shell
+    radius = np.where(cap > 0.5, _CAPSULE_CAP_R, _CAPSULE_R)
+    nu, nv = (su - np.clip(su, -_CAPSULE_HALF, _CAPSULE_HALF)) / radius, sv / radius
+    if bump is not None:  # the dent tilts the surface towards its centre
+        du, dv = u - defect["centre"][0], v - defect["centre"][1]
+        strength = 1.2 if kind == "poke" else 0.8
+        nu = nu - strength * bump * du / defect["sigma"]
+        nv = nv - strength * bump * dv / defect["sigma"]
+    nz = np.sqrt(np.clip(1 - nu * nu - nv * nv, 0.02, 1))
+    norm = np.sqrt(nu * nu + nv * nv + nz * nz)
+    lx, ly, lz = _CAPSULE_LIGHT
+    diffuse = np.clip((nu * lx + nv * ly + nz * lz) / norm, 0, 1)
+    specular = 0.45 * diffuse ** 40
+    colour = (np.array([0.80, 0.22, 0.14], np.float32) * cap[..., None]
+              + np.array([0.94, 0.91, 0.83], np.float32) * (1 - cap[..., None]))
+    gel = colour * (0.35 + 0.7 * diffuse)[..., None] + specular[..., None]
+    seam = np.clip(1 - np.abs(su - _CAPSULE_SEAM) * size / 1.0, 0, 1) * (np.abs(sv) < _CAPSULE_CAP_R)
+    gel = gel * (1 - 0.25 * seam)[..., None]
+
+    # imprint: 4 dot-matrix characters on the body
+    glyphs = _capsule_glyphs()
+    gx = (u - _CAPSULE_PRINT_U) / _CAPSULE_PRINT_DOT
+    gy = (v + 2.5 * _CAPSULE_PRINT_DOT) / _CAPSULE_PRINT_DOT
+    col, row = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
+    char, cx = col // 4, col % 4
+    inside = (col >= 0) & (char < 4) & (row >= 0) & (row < 5) & (cx < 3)
+    lit = np.zeros(u.shape, np.float32)
+    lit[inside] = glyphs[char[inside], row[inside], cx[inside]]
+    # round dots, antialiased (pointwise, so a re-rendered window matches the full canvas)
+    dot_d = (np.hypot(gx - col - 0.5, gy - row - 0.5) - 0.45) * _CAPSULE_PRINT_DOT
+    ink = lit * _cover(dot_d, size)
+    if kind == "faulty_imprint":
+        rng = np.random.default_rng(defect["seed"])
+        origin = np.array([window[1].start or 0, window[0].start or 0], np.float64)
+        centre_px = _to_canvas_px(size, defect["centre"]) - origin
+        blob = _blob_alpha(u.shape[0], centre_px, defect["radius"] * size, 1.0 * size / 224, rng, roughness=0.4)
+        if defect["smear"]:  # ink dragged sideways: a blurred, shifted copy of the print
+            shift = int(round(rng.uniform(3, 6) * size / 224)) * int(rng.choice([-1, 1]))
+            smeared = ndimage.gaussian_filter(np.roll(ink, shift, axis=int(rng.integers(2))), 1.5 * size / 224)
+            ink = np.maximum(ink * (1 - blob), 0.7 * smeared * blob + ink * (1 - blob))
+        else:  # imprint missing there
+            ink = ink * (1 - blob)
+    gel = gel * (1 - 0.75 * ink)[..., None] + (0.75 * ink)[..., None] * np.array([0.12, 0.12, 0.16], np.float32)
+    if kind == "poke":
+        gel = gel * (1 - 0.25 * bump)[..., None]  # pit: a little darker at the bottom
+    img = img * (1 - shell[..., None]) + gel * shell[..., None]
+    if kind == "crack":
+        rng = np.random.default_rng(defect["seed"])
+        origin = np.array([window[1].start or 0, window[0].start or 0], np.float64)
+        inner = _cover(np.minimum(body_d, cap_d) + 0.01, size)
+        img = _crack(img, rng, coverage=inner, centre=_to_canvas_px(size, defect["centre"]) - origin,
+                     unit=size / 224.0, length_range=defect["length"])
+    grain = 0.01 + 0.004 * shell
+    return img.astype(np.float32), grain
+
+
+@lru_cache(maxsize=1)
+def _capsule_glyphs() -> Array:
+    rng = np.random.default_rng(_DESIGN_SEED + 1)
+    return (rng.random((4, 5, 3)) < 0.6).astype(np.float32)
+
+
 _OBJECTS: dict[str, tuple[Callable, Callable]] = {
     "nut": (_nut_defect, _render_nut),
     "chip": (_chip_defect, _render_chip),
+    "capsule": (_capsule_defect, _render_capsule),
 }
 
 

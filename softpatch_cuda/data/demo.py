@@ -5,9 +5,10 @@ Two kinds of category:
 * textures ("brick", "grass", "gravel"): random crops of the real photographs that
   scikit-image ships inside its wheel (no download), lightly tinted, with synthetic
   scratches, cracks, stains and pasted foreign material;
-* aligned objects ("nut", "chip"): an object rendered by code at nearly the same pose
-  in every image (shifts of a few pixels, a tiny rotation, lighting changes, sensor
-  noise), with missing parts, dents, contamination, bent pins, solder bridges...
+* aligned objects ("nut", "chip", "capsule"): an object rendered by code at nearly the
+  same pose in every image (shifts of a few pixels, a tiny rotation, lighting changes,
+  sensor noise), with missing parts, dents, contamination, bent pins, solder bridges,
+  cracks, faulty imprints...
 
 Every defect is applied to a copy of the defect-free picture, so the ground-truth
 mask is exact: the pixels that changed by more than a small tolerance. Output is

@@ -177,7 +177,7 @@ def _sensor_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator
 # ============================================================================ textures
 # Tint ramps (dark colour, light colour) applied to the grey photographs; brick is
 # anisotropic (courses run horizontally, perspective), so it is never rotated.
-_OIL, _RUST, _RESIN, _CHALK = (0.22, 0.18, 0.14), (0.62, 0.32, 0.12), (0.85, 0.78, 0.30), (1.00, 1.00, 0.97)
+_OIL, _RUST, _CHALK = (0.22, 0.18, 0.14), (0.62, 0.32, 0.12), (1.00, 1.00, 0.97)
 _STEEL_CHIPS = ((0.10, 0.10, 0.12), (0.70, 0.72, 0.80))
 _STRAW = ((0.25, 0.12, 0.02), (0.95, 0.75, 0.35))
 _RUBBER = ((0.02, 0.02, 0.02), (0.45, 0.42, 0.40))
@@ -191,7 +191,7 @@ _TEXTURES: dict[str, dict] = {
     "brick": dict(dark=(0.16, 0.07, 0.05), light=(0.98, 0.74, 0.62), isotropic=False, window=0.5,
                   stains=(_OIL, _CHALK), foreign=(("gravel", _STEEL_CHIPS), ("moon", _RUBBER))),
     "grass": dict(dark=(0.05, 0.10, 0.02), light=(0.78, 0.92, 0.50), isotropic=True, window=0.5,
-                  stains=(_RUST, _RESIN), foreign=(("gravel", _STRAW), ("brick", _FIBRE))),
+                  stains=(_CHALK, _RUST), foreign=(("gravel", _STRAW), ("brick", _FIBRE))),
     "gravel": dict(dark=(0.10, 0.09, 0.08), light=(0.95, 0.92, 0.86), isotropic=True, window=0.42,
                    stains=(_RUST, _OIL), foreign=(("grass", _STRAW), ("ihc", _FIBRE))),
 }

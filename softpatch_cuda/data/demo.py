@@ -17,6 +17,7 @@ byte-identical for a seed; nothing large lives in the repository.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -956,6 +957,9 @@ def _sample(category: str, defect_type: str | None, size: int, rng: np.random.Ge
 # ============================================================================ public API
 _SPLIT_CODES = {"train": 1, "test_good": 2, "test_defect": 3}
 _GENERATED_NAME = re.compile(r"^\d{3,}(_mask)?\.png$")
+# Written into every generated category folder: later calls only replace images in
+# folders that carry it.
+MARKER_NAME = ".softpatch_demo.json"
 
 
 def _image_rng(seed: int, category: str, split: str, index: int, defect_index: int = 0) -> np.random.Generator:
@@ -998,9 +1002,21 @@ def _split_counts(total: int, kinds: int) -> list[int]:
     return [total // kinds + (i < total % kinds) for i in range(kinds)]
 
 
+def _holds_foreign_images(category_dir: Path) -> bool:
+    """Images in the MVTec sub-folders of a category folder that make_demo_dataset did
+    not write (no marker): e.g. a real MVTec AD "capsule" -- never to be deleted."""
+    if (category_dir / MARKER_NAME).is_file():
+        return False
+    return any(path.is_file() and _GENERATED_NAME.match(path.name)
+               for sub in ("train", "test", "ground_truth") if (category_dir / sub).is_dir()
+               for path in (category_dir / sub).rglob("*"))
+
+
 def _clear_previous(category_dir: Path) -> None:
     """Remove images an earlier call wrote (NNN.png / NNN_mask.png in the MVTec
     sub-folders), so a smaller rerun leaves no stale files; anything else is kept."""
+    if not (category_dir / MARKER_NAME).is_file():
+        return
     for sub in ("train", "test", "ground_truth"):
         top = category_dir / sub
         if not top.is_dir():
@@ -1026,6 +1042,10 @@ def _category_images(root: Path, category: str, n_train: int, n_test_good: int, 
     train_dir, good_dir = cat_dir / "train" / "good", cat_dir / "test" / "good"
     train_dir.mkdir(parents=True, exist_ok=True)
     good_dir.mkdir(parents=True, exist_ok=True)
+    # marker first: a run that dies half-way leaves a folder the next run may clean up
+    marker = dict(generator="softpatch_cuda.data.demo.make_demo_dataset", category=category, n_train=n_train,
+                  n_test_good=n_test_good, n_test_defect=n_test_defect, image_size=image_size, seed=seed)
+    (cat_dir / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
     for i in range(n_train):
         yield _sample(category, None, image_size, _image_rng(seed, category, "train", i))[0], train_dir / f"{i:03d}.png"
     for i in range(n_test_good):
@@ -1056,8 +1076,14 @@ def make_demo_dataset(root: str | os.PathLike, categories: Iterable[str] | str |
 
     `n_test_defect` images per category are spread evenly over its defect types
     (DEMO_DEFECT_TYPES[category]; a type that would get none gets no folder).
-    Same arguments -> byte-identical files. Images an earlier call left in these
-    folders are replaced.
+    Same arguments -> byte-identical files. Each category folder gets a small marker
+    file (MARKER_NAME, the arguments as JSON); images an earlier call left in a marked
+    folder are replaced, while a category folder holding images without the marker
+    (e.g. a real MVTec AD "capsule") raises FileExistsError before anything is written.
+
+    Raises ValueError / TypeError for unknown categories (the message lists the valid
+    ones), non-positive or non-int counts, image_size < 32, a negative seed;
+    FileExistsError when root (or root/<category>) is a file.
     """
     cats = _check_categories(categories)
     n_train = _check_count("n_train", n_train)
@@ -1079,6 +1105,9 @@ def make_demo_dataset(root: str | os.PathLike, categories: Iterable[str] | str |
     for name in cats:
         if (root / name).exists() and not (root / name).is_dir():
             raise FileExistsError(f"{root / name} exists and is not a directory")
+        if (root / name).is_dir() and _holds_foreign_images(root / name):
+            raise FileExistsError(f"{root / name} holds images that make_demo_dataset did not write "
+                                  f"(no {MARKER_NAME}); refusing to overwrite them -- choose another root")
 
     # PNG encoding (zlib, GIL released) overlaps with drawing the next pictures.
     with ThreadPoolExecutor(max_workers=2) as writer:

@@ -133,7 +133,8 @@ def test_rerun_replaces_previous_images_and_keeps_other_files(tmp_path):
     note = tmp_path / "brick" / "train" / "good" / "notes.txt"
     note.write_text("mine")
     make_demo_dataset(tmp_path, categories="brick", n_train=2, n_test_good=1, n_test_defect=2, image_size=32)
-    assert sorted(p.name for p in (tmp_path / "brick" / "train" / "good").iterdir()) == ["000.png", "001.png", "notes.txt"]
+    train = sorted(p.name for p in (tmp_path / "brick" / "train" / "good").iterdir())
+    assert train == ["000.png", "001.png", "notes.txt"]
     assert sorted(p.name for p in (tmp_path / "brick" / "test").iterdir()) == ["crack", "good", "scratch"]
     assert sorted(p.name for p in (tmp_path / "brick" / "ground_truth").iterdir()) == ["crack", "scratch"]
 

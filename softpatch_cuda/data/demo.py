@@ -235,8 +235,9 @@ def _sample_crop(source: Array, size: int, window: float, angle: float, flip: bo
         a, d = -a, -d
     c = cx - (a * size / 2 + b * size / 2)
     f = cy - (d * size / 2 + e * size / 2)
-    img = Image.fromarray(np.ascontiguousarray(source), mode="F")
-    out = img.transform((size, size), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR)
+    img = Image.fromarray(np.ascontiguousarray(source, dtype=np.float32))  # float32 -> mode "F"
+    out = img.transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                        resample=Image.Resampling.BILINEAR)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -523,7 +524,8 @@ def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
                     roi=(centre, 1.9 * radius + 0.015))
     if defect_type == "scratch":
         centre = _object_point(rng, _NUT_SINK + 0.02, 0.85 * _NUT_APOTHEM)
-        return dict(kind="scratch", centre=centre, length=(0.12, 0.3), strength=(0.45, 0.8), seed=int(rng.integers(2**31)),
+        return dict(kind="scratch", centre=centre, length=(0.12, 0.3), strength=(0.45, 0.8),
+                    seed=int(rng.integers(2**31)),
                     roi=(centre, 0.5 * 0.3 + 0.03))
     raise ValueError(defect_type)
 
@@ -653,7 +655,8 @@ def _chip_defect(defect_type: str, rng: np.random.Generator) -> dict:
                     roi=(centre, 1.9 * radius + 0.015))
     if defect_type == "scratch":
         centre = rng.uniform(-0.6, 0.6, 2) * _CHIP_BODY
-        return dict(kind="scratch", centre=centre, length=(0.1, 0.25), strength=(0.6, 0.9), seed=int(rng.integers(2**31)),
+        return dict(kind="scratch", centre=centre, length=(0.1, 0.25), strength=(0.6, 0.9),
+                    seed=int(rng.integers(2**31)),
                     roi=(centre, 0.5 * 0.25 + 0.03))
     raise ValueError(defect_type)
 
@@ -907,8 +910,9 @@ def _warp(canvas: Array, size: int, offset: Array, rotation: float, scale: float
     coeffs = (c, s, centre - (c * ox + s * oy), -s, c, centre - (-s * ox + c * oy))
     channels = []
     for k in range(canvas.shape[-1]):
-        plane = Image.fromarray(np.ascontiguousarray(canvas[..., k], dtype=np.float32), mode="F")
-        channels.append(np.asarray(plane.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)))
+        plane = Image.fromarray(np.ascontiguousarray(canvas[..., k], dtype=np.float32))  # mode "F"
+        plane = plane.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+        channels.append(np.asarray(plane))
     return np.stack(channels, axis=-1)
 
 
@@ -1046,10 +1050,9 @@ def _category_images(root: Path, category: str, n_train: int, n_test_good: int, 
     marker = dict(generator="softpatch_cuda.data.demo.make_demo_dataset", category=category, n_train=n_train,
                   n_test_good=n_test_good, n_test_defect=n_test_defect, image_size=image_size, seed=seed)
     (cat_dir / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
-    for i in range(n_train):
-        yield _sample(category, None, image_size, _image_rng(seed, category, "train", i))[0], train_dir / f"{i:03d}.png"
-    for i in range(n_test_good):
-        yield _sample(category, None, image_size, _image_rng(seed, category, "test_good", i))[0], good_dir / f"{i:03d}.png"
+    for split, folder, count in (("train", train_dir, n_train), ("test_good", good_dir, n_test_good)):
+        for i in range(count):
+            yield _sample(category, None, image_size, _image_rng(seed, category, split, i))[0], folder / f"{i:03d}.png"
     defect_types = DEMO_DEFECT_TYPES[category]
     for k, (defect_type, count) in enumerate(zip(defect_types, _split_counts(n_test_defect, len(defect_types)))):
         if count == 0:

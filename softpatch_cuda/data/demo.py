@@ -198,7 +198,7 @@ _TEXTURES: dict[str, dict] = {
 }
 
 
-def _jitter_colour(colour: tuple, rng: np.random.Generator, amount: float = 0.04) -> Array:
+def _jitter_colour(colour: tuple, rng: np.random.Generator, amount: float = 0.03) -> Array:
     return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32), 0, 1)
 
 
@@ -341,7 +341,7 @@ def _foreign_material(img: Array, category: str, rng: np.random.Generator) -> Ar
     options = _TEXTURES[category]["foreign"]
     source_name, (dark, light) = options[int(rng.integers(len(options)))]
     source = _photo(source_name)
-    window = source.shape[0] * rng.uniform(0.25, 0.6)
+    window = source.shape[0] * rng.uniform(0.3, 0.45)
     patch = _sample_crop(source, size, window, rng.uniform(0, 2 * np.pi), bool(rng.integers(2)), rng)
     lo, hi = np.percentile(patch, [2, 98])
     patch = (patch - lo) / max(hi - lo, 1e-3)  # full contrast, whatever the source
@@ -497,7 +497,7 @@ _NUT_FACE = 0.93 * _NUT_APOTHEM   # flat circular top face (the chamfer cuts the
 _NUT_HOLE = 0.47 * _NUT_APOTHEM
 _NUT_SINK = _NUT_HOLE + 0.035     # countersink ring around the hole
 _NUT_LIGHT = -2.3                 # light from the upper left (radians, image y down)
-_NUT_CONTAMINANTS = ((0.12, 0.09, 0.06), (0.55, 0.28, 0.10))  # grease, rust
+_NUT_CONTAMINANTS = ((0.12, 0.09, 0.06),)  # grease
 
 
 def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
@@ -603,7 +603,7 @@ _CHIP_PIN_LEN = 0.06
 _CHIP_PAD_HALF_W = 0.36 * _CHIP_PITCH
 _CHIP_SOLDER = (0.80, 0.80, 0.76)
 _CHIP_LIGHT = -2.2
-_CHIP_CONTAMINANTS = ((0.75, 0.55, 0.15), (0.65, 0.65, 0.62))  # flux residue, dust
+_CHIP_CONTAMINANTS = ((0.75, 0.55, 0.15),)  # flux residue
 
 
 @lru_cache(maxsize=1)

@@ -502,7 +502,8 @@ _NUT_CONTAMINANTS = ((0.12, 0.09, 0.06),)  # grease
 
 def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
     if defect_type == "chipped":
-        ang = math.pi / 6 + int(rng.integers(6)) * math.pi / 3  # hexagon corners (flat top/bottom)
+        # the two corners that hit the feeder rail: the failure recurs at the same place
+        ang = math.pi / 6 + int(rng.choice([0, 3])) * math.pi / 3  # hexagon corners (flat top/bottom)
         corner = _NUT_APOTHEM / math.cos(math.pi / 6)
         centre = corner * rng.uniform(0.9, 1.0) * np.array([math.cos(ang), math.sin(ang)])
         radius = float(rng.uniform(0.035, 0.06))
@@ -635,6 +636,8 @@ def _side_point(side: int, s: float, t: float) -> Array:
 
 def _chip_defect(defect_type: str, rng: np.random.Generator) -> dict:
     side, pin = int(rng.integers(4)), int(rng.integers(_CHIP_PINS))
+    if defect_type in ("missing_pin", "bent_pin"):
+        pin = int(rng.choice([0, _CHIP_PINS - 1]))  # corner pins: the ones handling damages
     pin_t = -_CHIP_PIN_SPAN + pin * _CHIP_PITCH
     pin_centre = _side_point(side, _CHIP_BODY + 0.5 * _CHIP_PIN_LEN, pin_t)
     if defect_type == "missing_pin":
@@ -781,7 +784,7 @@ def _capsule_sdf(u: Array, v: Array, radius: float) -> Array:
 def _capsule_defect(defect_type: str, rng: np.random.Generator) -> dict:
     if defect_type == "squeeze":
         side = float(rng.choice([-1.0, 1.0]))
-        centre = np.array([rng.uniform(-0.8, 0.8) * _CAPSULE_HALF, side * _CAPSULE_R])
+        centre = np.array([rng.uniform(-0.4, 0.4) * _CAPSULE_HALF, side * _CAPSULE_R])  # gripper marks
         sigma = float(rng.uniform(0.03, 0.05))
         return dict(kind="squeeze", centre=centre, direction=np.array([0.0, side]), sigma=sigma,
                     depth=float(rng.uniform(0.012, 0.022)), roi=(centre, 3.5 * sigma))

@@ -1,44 +1,226 @@
-// TEMPORARY naive implementation (to be replaced by the tiled kernel).
-#include <algorithm>
-#include <cmath>
-#include <numeric>
-#include <vector>
-
+// knn on the CPU: query x bank tiles through the shared distance-tile engine
+// (cpu_simd.h), a running top-k per query, never the q x m matrix.
+//
+// This file is compiled once per instruction set (see cpu_simd.h); the
+// portable copy also holds sp::knn_cpu, which dispatches at run time.
+//
+// Work split (OpenMP):
+//  * many bank tiles: threads take bank tiles dynamically and keep private
+//    top-k lists for every query (each bank tile is packed exactly once);
+//    the lists are merged at the end.
+//  * few bank tiles (small bank): the whole bank is packed once, shared, and
+//    threads take query tiles.
+// Exactness: each list keeps K = k + kExtra candidates by the expanded
+// distance; the final candidates are rechecked with exact differences in
+// double, re-sorted by (distance, index) and the first k returned. So the
+// returned distances do not suffer from the expansion's cancellation, and
+// near-ties the expansion mis-ordered are put back in order.
 #include "knn.h"
 
-namespace sp {
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-void knn_cpu(const float* queries, index_t q, const float* bank, index_t m,
-             index_t d, index_t k, const float* weights, float* out_dist,
-             index_t* out_idx, float* out_score, index_t, index_t) {
-#pragma omp parallel
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_simd.h"
+#include "topk.h"
+
+namespace sp {
+namespace SP_ISA_NS {
+
+namespace {
+
+constexpr index_t kExtra = 8;
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Column means of the bank, rows split across threads.
+void bank_mean(const float* bank, index_t m, index_t d, int threads, float* mean, double* partial) {
+  for (index_t p = 0; p < d * threads; ++p) partial[p] = 0.0;
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<float> dist(m);
-    std::vector<index_t> order(m);
+    double* acc = partial + index_t(thread_id()) * d;
+#pragma omp for schedule(static)
+    for (index_t j = 0; j < m; ++j) {
+      const float* row = bank + j * d;
+      for (index_t p = 0; p < d; ++p) acc[p] += row[p];
+    }
+  }
+  for (index_t p = 0; p < d; ++p) {
+    double s = 0.0;
+    for (int t = 0; t < threads; ++t) s += partial[index_t(t) * d + p];
+    mean[p] = float(s / double(m));
+  }
+}
+
+}  // namespace
+
+void knn(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
+         const float* weights, float* out_dist, index_t* out_idx, float* out_score,
+         index_t tile_q, index_t tile_m) {
+  const index_t TQ = tile_q > 0 ? round_up(tile_q, kMR) : kTQ;
+  const index_t TM = tile_m > 0 ? round_up(tile_m, kNR) : kTM;
+  const index_t K = imin(m, k + kExtra);
+  const Chunks ch(d);
+  const index_t n_btiles = (m + TM - 1) / TM, n_qtiles = (q + TQ - 1) / TQ;
+  const int threads = int(imax(1, imin(max_threads(), imax(n_btiles, n_qtiles))));
+  const bool bank_major = n_btiles >= 2 * index_t(threads) || n_qtiles < 2 * index_t(threads);
+  const int n_lists = bank_major ? threads : 1;
+
+  Buffer<float> mean_buf, list_dist, shared_pack, shared_bn;
+  Buffer<double> mean_acc;
+  Buffer<index_t> list_idx;
+  float* mean = mean_buf.get(size_t(d));
+  bank_mean(bank, m, d, threads, mean, mean_acc.get(size_t(d) * threads));
+  float* ld = list_dist.get(size_t(n_lists) * q * K);
+  index_t* li = list_idx.get(size_t(n_lists) * q * K);
+  // Every list starts empty (also those of threads the runtime may not start).
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (index_t i = 0; i < n_lists * q; ++i) TopK{ld + i * K, li + i * K, K}.reset();
+
+  // Few bank tiles: pack the whole bank once, shared by all threads.
+  float* spack = nullptr;
+  float* sbn = nullptr;
+  if (!bank_major) {
+    spack = shared_pack.get(size_t(n_btiles) * TM * d);
+    sbn = shared_bn.get(size_t(n_btiles) * TM);
+  }
+
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<float> bpack_buf, bn_buf, qpack_buf, qn_buf, c_buf;
+    float* qpack = qpack_buf.get(size_t(TQ) * d);
+    float* qn = qn_buf.get(size_t(TQ));
+    float* cbuf = c_buf.get(size_t(TQ) * TM);
+
+    if (bank_major) {
+      float* bpack = bpack_buf.get(size_t(TM) * d);
+      float* bn = bn_buf.get(size_t(TM));
+      const index_t list0 = index_t(thread_id()) * q * K;
+      // Tiles are handed out in increasing order, so each thread sees its bank
+      // rows in increasing index order (what TopK's tie rule needs).
+#pragma omp for schedule(dynamic, 1)
+      for (index_t bt = 0; bt < n_btiles; ++bt) {
+        const index_t j0 = bt * TM, cols = imin(TM, m - j0), cols_pad = round_up(cols, kNR);
+        pack_bank(bank + j0 * d, cols, d, mean, ch, bpack, bn);
+        for (index_t i0 = 0; i0 < q; i0 += TQ) {
+          const index_t rows = imin(TQ, q - i0), rows_pad = round_up(rows, kMR);
+          pack_queries(queries + i0 * d, rows, d, mean, qpack, qn);
+          tile_dots(qpack, rows_pad, bpack, cols_pad, ch, d, cbuf, TM);
+          for (index_t r = 0; r < rows; ++r) {
+            float* row = cbuf + r * TM;
+            dist_row(qn[r], bn, row, cols_pad, row);
+            TopK t{ld + list0 + (i0 + r) * K, li + list0 + (i0 + r) * K, K};
+            push_row(t, row, cols_pad, j0);
+          }
+        }
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (index_t bt = 0; bt < n_btiles; ++bt) {
+        const index_t j0 = bt * TM, cols = imin(TM, m - j0);
+        pack_bank(bank + j0 * d, cols, d, mean, ch, spack + bt * TM * d, sbn + bt * TM);
+      }  // implicit barrier: the packed bank is complete
+#pragma omp for schedule(dynamic, 1)
+      for (index_t qt = 0; qt < n_qtiles; ++qt) {
+        const index_t i0 = qt * TQ, rows = imin(TQ, q - i0), rows_pad = round_up(rows, kMR);
+        pack_queries(queries + i0 * d, rows, d, mean, qpack, qn);
+        for (index_t bt = 0; bt < n_btiles; ++bt) {
+          const index_t j0 = bt * TM, cols_pad = round_up(imin(TM, m - j0), kNR);
+          const float* bn = sbn + bt * TM;
+          tile_dots(qpack, rows_pad, spack + bt * TM * d, cols_pad, ch, d, cbuf, TM);
+          for (index_t r = 0; r < rows; ++r) {
+            float* row = cbuf + r * TM;
+            dist_row(qn[r], bn, row, cols_pad, row);
+            TopK t{ld + (i0 + r) * K, li + (i0 + r) * K, K};
+            push_row(t, row, cols_pad, j0);
+          }
+        }
+      }
+    }
+  }
+
+  // Merge the lists, recheck the K best exactly, keep k.
+#pragma omp parallel num_threads(threads)
+  {
+    Buffer<Cand> cand_buf;
+    Cand* cand = cand_buf.get(size_t(n_lists) * K);
 #pragma omp for schedule(static)
     for (index_t i = 0; i < q; ++i) {
+      index_t n = 0;
+      for (int l = 0; l < n_lists; ++l) {
+        const float* dl = ld + (index_t(l) * q + i) * K;
+        const index_t* il = li + (index_t(l) * q + i) * K;
+        for (index_t t = 0; t < K && il[t] >= 0; ++t) cand[n++] = Cand{double(dl[t]), il[t]};
+      }
+      const index_t keep = imin(K, n);
+      if (n_lists > 1) std::partial_sort(cand, cand + keep, cand + n);
       const float* qi = queries + i * d;
-      for (index_t j = 0; j < m; ++j) {
-        const float* bj = bank + j * d;
-        float s = 0.f;
-        for (index_t t = 0; t < d; ++t) {
-          float u = qi[t] - bj[t];
-          s += u * u;
-        }
-        dist[j] = s;
-      }
-      std::iota(order.begin(), order.end(), index_t(0));
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](index_t x, index_t y) {
-                          return dist[x] < dist[y] || (dist[x] == dist[y] && x < y);
-                        });
+      for (index_t t = 0; t < keep; ++t) cand[t].d2 = exact_sqdist(qi, bank + cand[t].j * d, d);
+      std::sort(cand, cand + keep);
       for (index_t t = 0; t < k; ++t) {
-        out_idx[i * k + t] = order[t];
-        out_dist[i * k + t] = std::sqrt(std::max(dist[order[t]], 0.f));
+        out_dist[i * k + t] = float(std::sqrt(cand[t].d2));
+        out_idx[i * k + t] = cand[t].j;
       }
-      if (weights && out_score) out_score[i] = out_dist[i * k] * weights[order[0]];
+      if (weights && out_score) out_score[i] = out_dist[i * k] * weights[cand[0].j];
     }
   }
 }
+
+}  // namespace SP_ISA_NS
+
+// ---------------------------------------------------------------- dispatch
+#ifdef SP_CPU_DISPATCH
+#if SP_CPU_HAVE_AVX2
+namespace cpu_avx2 {
+void knn(const float*, index_t, const float*, index_t, index_t, index_t, const float*, float*,
+         index_t*, float*, index_t, index_t);
+}
+#endif
+#if SP_CPU_HAVE_AVX512
+namespace cpu_avx512 {
+void knn(const float*, index_t, const float*, index_t, index_t, index_t, const float*, float*,
+         index_t*, float*, index_t, index_t);
+}
+#endif
+
+void knn_cpu(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
+             const float* weights, float* out_dist, index_t* out_idx, float* out_score,
+             index_t tile_q, index_t tile_m) {
+  SP_CHECK_ARG(q >= 1 && m >= 1 && d >= 1, "knn: empty input");
+  SP_CHECK_ARG(k >= 1 && k <= m, "knn: k must be in [1, m]");
+  switch (cpu::active_isa()) {
+#if SP_CPU_HAVE_AVX512
+    case cpu::Isa::Avx512:
+      return cpu_avx512::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
+                             tile_q, tile_m);
+#endif
+#if SP_CPU_HAVE_AVX2
+    case cpu::Isa::Avx2:
+      return cpu_avx2::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
+                           tile_q, tile_m);
+#endif
+    default:
+      return cpu_scalar::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
+                             tile_q, tile_m);
+  }
+}
+#endif  // SP_CPU_DISPATCH
 
 }  // namespace sp

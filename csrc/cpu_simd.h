@@ -1,0 +1,322 @@
+// CPU instruction-set dispatch and the shared distance-tile engine.
+//
+// Run-time dispatch: pairwise_cpu.cpp and knn_cpu.cpp are compiled once per
+// instruction set (CMake: SP_CPU_ISA=0 portable, 1 AVX2+FMA, 2 AVX-512 with
+// per-file -m flags; never -march=native), each copy inside its own namespace
+// (sp::cpu_scalar / sp::cpu_avx2 / sp::cpu_avx512) so no inline function or
+// template compiled with AVX-512 can be picked by the linker for another copy.
+// The portable copy (SP_CPU_DISPATCH) also holds the entry points, which pick
+// the copy to run from CPUID at every call, overridable with the environment
+// variable SOFTPATCH_CPU_ISA=avx512|avx2|scalar (tests run every path).
+//
+// Code in the per-ISA section must therefore not instantiate std:: templates
+// over builtin types (std::vector<float>, std::min<long>, ...): those are weak
+// symbols shared by all copies. Templates over our namespaced types are safe.
+//
+// Distance tile: squared distances through ||a||^2 + ||b||^2 - 2 a.b on data
+// centred on the bank mean (translation leaves distances unchanged but shrinks
+// the norms, hence the cancellation error). The a.b products come from a
+// register-blocked outer-product micro-kernel (MR query rows x NR bank rows in
+// registers) over a bank tile packed as [d-chunk][NR-group][p][NR] and a
+// query tile packed as centred rows.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <new>
+
+#include "common.h"
+
+namespace sp {
+namespace cpu {
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// Names as accepted by SOFTPATCH_CPU_ISA and reported by build_info().
+const char* isa_name(Isa isa);
+// Compiled into this module and supported by this CPU (CPUID + OS state).
+bool isa_supported(Isa isa);
+// The best supported ISA, or the one SOFTPATCH_CPU_ISA names; throws
+// std::invalid_argument for an unknown name or an unsupported ISA.
+Isa active_isa();
+
+}  // namespace cpu
+}  // namespace sp
+
+// ----------------------------------------------------------------------------
+// Per-ISA section: only when compiling one of the ISA copies.
+#ifdef SP_CPU_ISA
+
+#if SP_CPU_ISA == 2
+#define SP_ISA_NS cpu_avx512
+#elif SP_CPU_ISA == 1
+#define SP_ISA_NS cpu_avx2
+#else
+#define SP_ISA_NS cpu_scalar
+#endif
+
+#if SP_CPU_ISA >= 1
+#include <immintrin.h>
+#endif
+
+namespace sp {
+namespace SP_ISA_NS {
+
+// ---------------------------------------------------------------- vectors
+#if SP_CPU_ISA == 2
+using vreg = __m512;
+constexpr int kW = 16;
+inline vreg vzero() { return _mm512_setzero_ps(); }
+inline vreg vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vreg x) { _mm512_storeu_ps(p, x); }
+inline vreg vset1(float x) { return _mm512_set1_ps(x); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
+inline vreg vfnma(vreg a, vreg b, vreg c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
+inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
+inline vreg vsub(vreg a, vreg b) { return _mm512_sub_ps(a, b); }
+inline vreg vmax(vreg a, vreg b) { return _mm512_max_ps(a, b); }
+inline unsigned vlt_mask(vreg a, vreg b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+inline float vsum(vreg a) { return _mm512_reduce_add_ps(a); }
+// Micro-tile: 8 query rows x 48 bank rows = 24 accumulators of 32 registers.
+constexpr int kMR = 8, kNRV = 3;
+constexpr int kKC = 128;        // d-chunk: packed bank micro-panel 128 x 48 x 4 B = 24 KiB (L1)
+constexpr int kTMGroups = 5;    // bank tile 240 rows
+#elif SP_CPU_ISA == 1
+using vreg = __m256;
+constexpr int kW = 8;
+inline vreg vzero() { return _mm256_setzero_ps(); }
+inline vreg vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vreg x) { _mm256_storeu_ps(p, x); }
+inline vreg vset1(float x) { return _mm256_set1_ps(x); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return _mm256_fmadd_ps(a, b, c); }
+inline vreg vfnma(vreg a, vreg b, vreg c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vreg vadd(vreg a, vreg b) { return _mm256_add_ps(a, b); }
+inline vreg vsub(vreg a, vreg b) { return _mm256_sub_ps(a, b); }
+inline vreg vmax(vreg a, vreg b) { return _mm256_max_ps(a, b); }
+inline unsigned vlt_mask(vreg a, vreg b) {
+  return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ)));
+}
+inline float vsum(vreg a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+// Micro-tile: 6 query rows x 16 bank rows = 12 accumulators of 16 registers.
+constexpr int kMR = 6, kNRV = 2;
+constexpr int kKC = 256;        // 256 x 16 x 4 B = 16 KiB
+constexpr int kTMGroups = 16;   // bank tile 256 rows
+#else
+// Portable: a plain struct of 8 floats; the compiler uses whatever baseline
+// vector unit the target has (SSE2 on x86-64).
+constexpr int kW = 8;
+struct vreg {
+  float x[kW];
+};
+inline vreg vzero() { vreg r; for (int l = 0; l < kW; ++l) r.x[l] = 0.f; return r; }
+inline vreg vload(const float* p) { vreg r; for (int l = 0; l < kW; ++l) r.x[l] = p[l]; return r; }
+inline void vstore(float* p, vreg a) { for (int l = 0; l < kW; ++l) p[l] = a.x[l]; }
+inline vreg vset1(float v) { vreg r; for (int l = 0; l < kW; ++l) r.x[l] = v; return r; }
+inline vreg vfma(vreg a, vreg b, vreg c) { for (int l = 0; l < kW; ++l) c.x[l] += a.x[l] * b.x[l]; return c; }
+inline vreg vfnma(vreg a, vreg b, vreg c) { for (int l = 0; l < kW; ++l) c.x[l] -= a.x[l] * b.x[l]; return c; }
+inline vreg vadd(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] += b.x[l]; return a; }
+inline vreg vsub(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] -= b.x[l]; return a; }
+inline vreg vmax(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] = a.x[l] > b.x[l] ? a.x[l] : b.x[l]; return a; }
+inline unsigned vlt_mask(vreg a, vreg b) {
+  unsigned m = 0;
+  for (int l = 0; l < kW; ++l) m |= unsigned(a.x[l] < b.x[l]) << l;
+  return m;
+}
+inline float vsum(vreg a) { float s = 0.f; for (int l = 0; l < kW; ++l) s += a.x[l]; return s; }
+constexpr int kMR = 4, kNRV = 1;
+constexpr int kKC = 256;
+constexpr int kTMGroups = 32;   // bank tile 256 rows
+#endif
+
+constexpr int kNR = kNRV * kW;            // bank rows per micro-tile
+constexpr int kTM = kTMGroups * kNR;      // default bank rows per tile
+constexpr int kTQ = 8 * kMR * (SP_CPU_ISA == 2 ? 1 : 2);  // default query rows per tile
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
+inline index_t imax(index_t a, index_t b) { return a > b ? a : b; }
+inline index_t round_up(index_t x, index_t to) { return (x + to - 1) / to * to; }
+inline float fmaxf0(float x) { return x > 0.f ? x : 0.f; }
+
+// 64-byte aligned scratch buffer (per thread, reused across tiles).
+template <class T>
+struct Buffer {
+  T* ptr = nullptr;
+  size_t size = 0;
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { std::free(ptr); }
+  T* get(size_t n) {
+    if (n > size) {
+      std::free(ptr);
+      size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+      ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
+      if (!ptr) throw std::bad_alloc();
+      size = n;
+    }
+    return ptr;
+  }
+};
+
+// Splits d into chunks of at most kKC, as equal as possible (d = 129 -> 65 + 64,
+// not 128 + 1), so the last chunk does not run a nearly empty micro-kernel.
+struct Chunks {
+  index_t count, base, extra;  // first `extra` chunks have base + 1 elements
+  explicit Chunks(index_t d) {
+    count = (d + kKC - 1) / kKC;
+    base = d / count;
+    extra = d % count;
+  }
+  index_t start(index_t c) const { return c * base + imin(c, extra); }
+  index_t len(index_t c) const { return base + (c < extra ? 1 : 0); }
+};
+
+// Column means of x [n, d] in double, written as float (the centre only has to
+// be near the data; it does not need to be exact).
+inline void column_mean(const float* x, index_t n, index_t d, float* mean, double* acc) {
+  for (index_t p = 0; p < d; ++p) acc[p] = 0.0;
+  for (index_t i = 0; i < n; ++i) {
+    const float* xi = x + i * d;
+    for (index_t p = 0; p < d; ++p) acc[p] += xi[p];
+  }
+  for (index_t p = 0; p < d; ++p) mean[p] = float(acc[p] / double(n));
+}
+
+// Packs bank rows [0, rows) of `b` (row stride d) centred on `mean` into
+// [chunk][group][p][kNR]; rows past `rows` up to a multiple of kNR are zero and
+// get norm +inf so they can never be a nearest neighbour. Writes the centred
+// squared norms to bn[0, round_up(rows, kNR)).
+inline void pack_bank(const float* b, index_t rows, index_t d, const float* mean,
+                      const Chunks& ch, float* packed, float* bn) {
+  const index_t rows_pad = round_up(rows, kNR);
+  for (index_t j = 0; j < rows_pad; ++j) bn[j] = j < rows ? 0.f : kInf;
+  for (index_t c = 0; c < ch.count; ++c) {
+    const index_t p0 = ch.start(c), kc = ch.len(c);
+    float* chunk = packed + rows_pad * p0;
+    for (index_t g = 0; g < rows_pad / kNR; ++g) {
+      float* panel = chunk + g * kc * kNR;
+      for (index_t jj = 0; jj < kNR; ++jj) {
+        const index_t j = g * kNR + jj;
+        if (j < rows) {
+          const float* src = b + j * d + p0;
+          const float* mu = mean + p0;
+          float s = 0.f;
+          for (index_t p = 0; p < kc; ++p) {
+            const float v = src[p] - mu[p];
+            panel[p * kNR + jj] = v;
+            s += v * v;
+          }
+          bn[j] += s;
+        } else {
+          for (index_t p = 0; p < kc; ++p) panel[p * kNR + jj] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// Packs query rows [0, rows) centred on `mean` as rows of stride d, zero rows up
+// to a multiple of kMR; qn gets the centred squared norms.
+inline void pack_queries(const float* a, index_t rows, index_t d, const float* mean,
+                         float* packed, float* qn) {
+  const index_t rows_pad = round_up(rows, kMR);
+  for (index_t i = 0; i < rows_pad; ++i) {
+    float* dst = packed + i * d;
+    if (i < rows) {
+      const float* src = a + i * d;
+      vreg acc = vzero();
+      index_t p = 0;
+      for (; p + kW <= d; p += kW) {
+        const vreg v = vsub(vload(src + p), vload(mean + p));
+        vstore(dst + p, v);
+        acc = vfma(v, v, acc);
+      }
+      float s = vsum(acc);
+      for (; p < d; ++p) {
+        const float v = src[p] - mean[p];
+        dst[p] = v;
+        s += v * v;
+      }
+      qn[i] = s;
+    } else {
+      for (index_t p = 0; p < d; ++p) dst[p] = 0.f;
+      qn[i] = 0.f;
+    }
+  }
+}
+
+// C[MR x kNR] (+)= A[MR rows, stride lda][kc] . panel[kc][kNR]^T.
+template <int MR>
+inline void micro_kernel(const float* a, index_t lda, const float* panel, index_t kc,
+                         float* c, index_t ldc, bool accumulate) {
+  vreg acc[MR][kNRV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNRV; ++v) acc[i][v] = vzero();
+  for (index_t p = 0; p < kc; ++p) {
+    vreg bv[kNRV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNRV; ++v) bv[v] = vload(panel + p * kNR + v * kW);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const vreg ai = vset1(a[i * lda + p]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNRV; ++v) acc[i][v] = vfma(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNRV; ++v) {
+      float* dst = c + i * ldc + v * kW;
+      vstore(dst, accumulate ? vadd(acc[i][v], vload(dst)) : acc[i][v]);
+    }
+}
+
+// Dot products of a packed query tile (rows_pad = multiple of kMR, stride d)
+// with a packed bank tile (cols_pad = multiple of kNR): C[rows_pad x cols_pad],
+// row stride ldc.
+inline void tile_dots(const float* qpack, index_t rows_pad, const float* bpack, index_t cols_pad,
+                      const Chunks& ch, index_t d, float* c, index_t ldc) {
+  for (index_t k = 0; k < ch.count; ++k) {
+    const index_t p0 = ch.start(k), kc = ch.len(k);
+    const float* chunk = bpack + cols_pad * p0;
+    for (index_t g = 0; g < cols_pad / kNR; ++g) {
+      const float* panel = chunk + g * kc * kNR;
+      for (index_t i = 0; i < rows_pad; i += kMR)
+        micro_kernel<kMR>(qpack + i * d + p0, d, panel, kc, c + i * ldc + g * kNR, ldc, k > 0);
+    }
+  }
+}
+
+// Squared distance row: out[j] = max(qn + bn[j] - 2 c[j], 0) for j < cols_pad.
+inline void dist_row(float qn, const float* bn, const float* c, index_t cols_pad, float* out) {
+  const vreg vq = vset1(qn), two = vset1(2.f), zero = vzero();
+  for (index_t j = 0; j < cols_pad; j += kW)
+    vstore(out + j, vmax(vfnma(two, vload(c + j), vadd(vq, vload(bn + j))), zero));
+}
+
+// Exact squared distance (differences first, accumulated in double) -- used to
+// recheck near-ties and near-zero distances where the expansion cancels.
+inline double exact_sqdist(const float* x, const float* y, index_t d) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (index_t p = 0; p < d; ++p) {
+    const double t = double(x[p]) - double(y[p]);
+    s += t * t;
+  }
+  return s;
+}
+
+}  // namespace SP_ISA_NS
+}  // namespace sp
+
+#endif  // SP_CPU_ISA

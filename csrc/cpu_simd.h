@@ -75,6 +75,7 @@ inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
 inline vreg vfnma(vreg a, vreg b, vreg c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
 inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
 inline vreg vsub(vreg a, vreg b) { return _mm512_sub_ps(a, b); }
+inline vreg vmul(vreg a, vreg b) { return _mm512_mul_ps(a, b); }
 inline vreg vmax(vreg a, vreg b) { return _mm512_max_ps(a, b); }
 inline unsigned vlt_mask(vreg a, vreg b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 inline float vsum(vreg a) { return _mm512_reduce_add_ps(a); }
@@ -93,6 +94,7 @@ inline vreg vfma(vreg a, vreg b, vreg c) { return _mm256_fmadd_ps(a, b, c); }
 inline vreg vfnma(vreg a, vreg b, vreg c) { return _mm256_fnmadd_ps(a, b, c); }
 inline vreg vadd(vreg a, vreg b) { return _mm256_add_ps(a, b); }
 inline vreg vsub(vreg a, vreg b) { return _mm256_sub_ps(a, b); }
+inline vreg vmul(vreg a, vreg b) { return _mm256_mul_ps(a, b); }
 inline vreg vmax(vreg a, vreg b) { return _mm256_max_ps(a, b); }
 inline unsigned vlt_mask(vreg a, vreg b) {
   return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ)));
@@ -122,6 +124,7 @@ inline vreg vfma(vreg a, vreg b, vreg c) { for (int l = 0; l < kW; ++l) c.x[l] +
 inline vreg vfnma(vreg a, vreg b, vreg c) { for (int l = 0; l < kW; ++l) c.x[l] -= a.x[l] * b.x[l]; return c; }
 inline vreg vadd(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] += b.x[l]; return a; }
 inline vreg vsub(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] -= b.x[l]; return a; }
+inline vreg vmul(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] *= b.x[l]; return a; }
 inline vreg vmax(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] = a.x[l] > b.x[l] ? a.x[l] : b.x[l]; return a; }
 inline unsigned vlt_mask(vreg a, vreg b) {
   unsigned m = 0;

@@ -174,11 +174,15 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
       const float* qi = queries + i * d;
       for (index_t t = 0; t < keep; ++t) cand[t].d2 = exact_sqdist(qi, bank + cand[t].j * d, d);
       std::sort(cand, cand + keep);
+      // Fewer than k candidates only happens with NaN inputs (which never
+      // compare below a threshold) when the caller skipped the finiteness
+      // check: fill with NaN / -1 rather than reading past the list.
+      const float nan = std::numeric_limits<float>::quiet_NaN();
       for (index_t t = 0; t < k; ++t) {
-        out_dist[i * k + t] = float(std::sqrt(cand[t].d2));
-        out_idx[i * k + t] = cand[t].j;
+        out_dist[i * k + t] = t < keep ? float(std::sqrt(cand[t].d2)) : nan;
+        out_idx[i * k + t] = t < keep ? cand[t].j : -1;
       }
-      if (weights && out_score) out_score[i] = out_dist[i * k] * weights[cand[0].j];
+      if (weights && out_score) out_score[i] = keep > 0 ? out_dist[i * k] * weights[cand[0].j] : nan;
     }
   }
 }

@@ -36,26 +36,36 @@ int max_threads() {
 #endif
 }
 
-// Writes rows [i0, i0 + rows) x columns [j0, j0 + cols) of one batch's output.
+// Writes rows [i0, i0 + rows) x columns [j0, j0 + cols) of one batch's output
+// from the dot products in cbuf (row stride ldc).
 void epilogue(const float* a, const float* b, index_t d, index_t m, const float* qn,
-              const float* bn, float* cbuf, index_t ldc, index_t i0, index_t rows, index_t j0,
-              index_t cols, float* out) {
-  const index_t cols_pad = round_up(cols, kNR);
+              const float* bn, const float* cbuf, index_t ldc, index_t i0, index_t rows,
+              index_t j0, index_t cols, float* out) {
+  const vreg two = vset1(2.f), zero = vzero(), recheck = vset1(kRecheck);
   for (index_t r = 0; r < rows; ++r) {
-    float* row = cbuf + r * ldc;
-    dist_row(qn[r], bn, row, cols_pad, row);
+    const float* row = cbuf + r * ldc;
     float* dst = out + (i0 + r) * m + j0;
     const float* ai = a + (i0 + r) * d;
-    for (index_t c = 0; c < cols; ++c) {
-      float v = row[c];
-      if (v < kRecheck * (qn[r] + bn[c])) v = float(exact_sqdist(ai, b + (j0 + c) * d, d));
-      dst[c] = v;
+    const vreg vq = vset1(qn[r]);
+    index_t c = 0;
+    for (; c + kW <= cols; c += kW) {
+      const vreg norms = vadd(vq, vload(bn + c));
+      const vreg v = vmax(vfnma(two, vload(row + c), norms), zero);
+      vstore(dst + c, v);
+      for (unsigned mask = vlt_mask(v, vmul(recheck, norms)); mask; mask &= mask - 1) {
+        const index_t cc = c + __builtin_ctz(mask);
+        dst[cc] = float(exact_sqdist(ai, b + (j0 + cc) * d, d));
+      }
+    }
+    for (; c < cols; ++c) {
+      const float norms = qn[r] + bn[c];
+      const float v = fmaxf0(norms - 2.f * row[c]);
+      dst[c] = v < kRecheck * norms ? float(exact_sqdist(ai, b + (j0 + c) * d, d)) : v;
     }
   }
 }
 
-// One batch: a [n, d], b [m, d] -> out [n, m]. Runs inside a parallel region
-// when `team` is true (work-shared loops), otherwise on the calling thread.
+// One batch: a [n, d], b [m, d] -> out [n, m], on the calling thread.
 struct Batch {
   const float* a;
   const float* b;

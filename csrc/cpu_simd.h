@@ -110,29 +110,28 @@ constexpr int kMR = 6, kNRV = 2;
 constexpr int kKC = 256;        // 256 x 16 x 4 B = 16 KiB
 constexpr int kTMGroups = 16;   // bank tile 256 rows
 #else
-// Portable: a plain struct of 8 floats; the compiler uses whatever baseline
-// vector unit the target has (SSE2 on x86-64).
-constexpr int kW = 8;
-struct vreg {
-  float x[kW];
-};
-inline vreg vzero() { vreg r; for (int l = 0; l < kW; ++l) r.x[l] = 0.f; return r; }
-inline vreg vload(const float* p) { vreg r; for (int l = 0; l < kW; ++l) r.x[l] = p[l]; return r; }
-inline void vstore(float* p, vreg a) { for (int l = 0; l < kW; ++l) p[l] = a.x[l]; }
-inline vreg vset1(float v) { vreg r; for (int l = 0; l < kW; ++l) r.x[l] = v; return r; }
-inline vreg vfma(vreg a, vreg b, vreg c) { for (int l = 0; l < kW; ++l) c.x[l] += a.x[l] * b.x[l]; return c; }
-inline vreg vfnma(vreg a, vreg b, vreg c) { for (int l = 0; l < kW; ++l) c.x[l] -= a.x[l] * b.x[l]; return c; }
-inline vreg vadd(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] += b.x[l]; return a; }
-inline vreg vsub(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] -= b.x[l]; return a; }
-inline vreg vmul(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] *= b.x[l]; return a; }
-inline vreg vmax(vreg a, vreg b) { for (int l = 0; l < kW; ++l) a.x[l] = a.x[l] > b.x[l] ? a.x[l] : b.x[l]; return a; }
+// Portable: GCC/Clang vector extensions, 4 floats: one register of the
+// baseline vector unit (SSE2 on x86-64, NEON on AArch64).
+constexpr int kW = 4;
+typedef float vreg __attribute__((vector_size(16)));
+inline vreg vzero() { return vreg{}; }
+inline vreg vload(const float* p) { vreg r; __builtin_memcpy(&r, p, sizeof r); return r; }
+inline void vstore(float* p, vreg a) { __builtin_memcpy(p, &a, sizeof a); }
+inline vreg vset1(float v) { return vreg{} + v; }
+inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
+inline vreg vfnma(vreg a, vreg b, vreg c) { return c - a * b; }
+inline vreg vadd(vreg a, vreg b) { return a + b; }
+inline vreg vsub(vreg a, vreg b) { return a - b; }
+inline vreg vmul(vreg a, vreg b) { return a * b; }
+inline vreg vmax(vreg a, vreg b) { return a > b ? a : b; }
 inline unsigned vlt_mask(vreg a, vreg b) {
+  const auto lt = a < b;
   unsigned m = 0;
-  for (int l = 0; l < kW; ++l) m |= unsigned(a.x[l] < b.x[l]) << l;
+  for (int l = 0; l < kW; ++l) m |= unsigned(lt[l] != 0) << l;
   return m;
 }
-inline float vsum(vreg a) { float s = 0.f; for (int l = 0; l < kW; ++l) s += a.x[l]; return s; }
-constexpr int kMR = 4, kNRV = 1;
+inline float vsum(vreg a) { float s = 0.f; for (int l = 0; l < kW; ++l) s += a[l]; return s; }
+constexpr int kMR = 6, kNRV = 2;  // 12 of 16 SSE registers hold accumulators
 constexpr int kKC = 256;
 constexpr int kTMGroups = 32;   // bank tile 256 rows
 #endif

@@ -59,6 +59,9 @@ Isa active_isa();
 #if SP_CPU_ISA >= 1
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace sp {
 namespace SP_ISA_NS {
@@ -189,6 +192,43 @@ inline void column_mean(const float* x, index_t n, index_t d, float* mean, doubl
     for (index_t p = 0; p < d; ++p) acc[p] += xi[p];
   }
   for (index_t p = 0; p < d; ++p) mean[p] = float(acc[p] / double(n));
+}
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// column_mean with the rows split across `threads` threads; partial holds
+// d * threads doubles.
+inline void column_mean_parallel(const float* x, index_t n, index_t d, int threads, float* mean,
+                                 double* partial) {
+  for (index_t p = 0; p < d * threads; ++p) partial[p] = 0.0;
+#pragma omp parallel num_threads(threads)
+  {
+    double* acc = partial + index_t(thread_id()) * d;
+#pragma omp for schedule(static)
+    for (index_t i = 0; i < n; ++i) {
+      const float* row = x + i * d;
+      for (index_t p = 0; p < d; ++p) acc[p] += row[p];
+    }
+  }
+  for (index_t p = 0; p < d; ++p) {
+    double s = 0.0;
+    for (int t = 0; t < threads; ++t) s += partial[index_t(t) * d + p];
+    mean[p] = float(s / double(n));
+  }
 }
 
 // Packs bank rows [0, rows) of `b` (row stride d) centred on `mean` into

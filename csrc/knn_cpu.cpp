@@ -17,10 +17,6 @@
 // near-ties the expansion mis-ordered are put back in order.
 #include "knn.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 
@@ -31,44 +27,7 @@ namespace sp {
 namespace SP_ISA_NS {
 
 namespace {
-
 constexpr index_t kExtra = 8;
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-// Column means of the bank, rows split across threads.
-void bank_mean(const float* bank, index_t m, index_t d, int threads, float* mean, double* partial) {
-  for (index_t p = 0; p < d * threads; ++p) partial[p] = 0.0;
-#pragma omp parallel num_threads(threads)
-  {
-    double* acc = partial + index_t(thread_id()) * d;
-#pragma omp for schedule(static)
-    for (index_t j = 0; j < m; ++j) {
-      const float* row = bank + j * d;
-      for (index_t p = 0; p < d; ++p) acc[p] += row[p];
-    }
-  }
-  for (index_t p = 0; p < d; ++p) {
-    double s = 0.0;
-    for (int t = 0; t < threads; ++t) s += partial[index_t(t) * d + p];
-    mean[p] = float(s / double(m));
-  }
-}
-
 }  // namespace
 
 void knn(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
@@ -87,7 +46,7 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
   Buffer<double> mean_acc;
   Buffer<index_t> list_idx;
   float* mean = mean_buf.get(size_t(d));
-  bank_mean(bank, m, d, threads, mean, mean_acc.get(size_t(d) * threads));
+  column_mean_parallel(bank, m, d, threads, mean, mean_acc.get(size_t(d) * threads));
   float* ld = list_dist.get(size_t(n_lists) * q * K);
   index_t* li = list_idx.get(size_t(n_lists) * q * K);
   // Every list starts empty (also those of threads the runtime may not start).

@@ -9,10 +9,6 @@
 // portable copy also holds the ISA selection and sp::pairwise_sqdist_cpu.
 #include "pairwise.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <cctype>
 #include <cstdlib>
 #include <string>
@@ -27,14 +23,6 @@ namespace {
 // Values below kRecheck * (||a||^2 + ||b||^2) (centred norms) are recomputed
 // from differences: the expansion's rounding error is ~1e-7 of the norms.
 constexpr float kRecheck = 1.f / 1024.f;
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 // Writes rows [i0, i0 + rows) x columns [j0, j0 + cols) of one batch's output
 // from the dot products in cbuf (row stride ldc).
@@ -123,6 +111,7 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
   Buffer<float> mean_buf, shared_pack, shared_bn;
   Buffer<double> mean_acc;
   float* mean = mean_buf.get(size_t(d));
+  double* mean_partial = mean_acc.get(size_t(d) * threads);
   if (!bank_major) {
     shared_pack.get(size_t(n_btiles) * kTM * d);
     shared_bn.get(size_t(n_btiles) * kTM);
@@ -131,7 +120,7 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
     const float* ab = a + bb * n * d;
     const float* bb_rows = b + bb * m * d;
     float* ob = out + bb * n * m;
-    column_mean(bb_rows, m, d, mean, mean_acc.get(size_t(d)));
+    column_mean_parallel(bb_rows, m, d, threads, mean, mean_partial);
 #pragma omp parallel num_threads(threads)
     {
       Buffer<float> bpack_buf, bn_buf, qpack_buf, qn_buf, c_buf;

@@ -170,6 +170,18 @@ struct Buffer {
   }
 };
 
+// Hands out 64-byte aligned slices of one buffer: all scratch memory is
+// allocated before a parallel region (an exception inside one would abort).
+struct Carve {
+  float* next;
+  float* take(index_t n) {
+    float* p = next;
+    next += (n + 15) / 16 * 16;
+    return p;
+  }
+  static index_t size(index_t n) { return (n + 15) / 16 * 16; }
+};
+
 // Splits d into chunks of at most kKC, as equal as possible (d = 129 -> 65 + 64,
 // not 128 + 1), so the last chunk does not run a nearly empty micro-kernel.
 struct Chunks {

@@ -61,16 +61,25 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
     sbn = shared_bn.get(size_t(n_btiles) * TM);
   }
 
+  // Per-thread scratch: packed query tile, its norms, the dot-product tile and
+  // (bank-major) the packed bank tile and its norms.
+  const index_t per_thread = Carve::size(TQ * d) + Carve::size(TQ) + Carve::size(TQ * TM) +
+                             (bank_major ? Carve::size(TM * d) + Carve::size(TM) : 0);
+  Buffer<float> scratch;
+  float* scratch0 = scratch.get(size_t(per_thread) * threads);
+  Buffer<Cand> cand_buf;
+  Cand* cand0 = cand_buf.get(size_t(threads) * n_lists * K);
+
 #pragma omp parallel num_threads(threads)
   {
-    Buffer<float> bpack_buf, bn_buf, qpack_buf, qn_buf, c_buf;
-    float* qpack = qpack_buf.get(size_t(TQ) * d);
-    float* qn = qn_buf.get(size_t(TQ));
-    float* cbuf = c_buf.get(size_t(TQ) * TM);
+    Carve carve{scratch0 + index_t(thread_id()) * per_thread};
+    float* qpack = carve.take(TQ * d);
+    float* qn = carve.take(TQ);
+    float* cbuf = carve.take(TQ * TM);
 
     if (bank_major) {
-      float* bpack = bpack_buf.get(size_t(TM) * d);
-      float* bn = bn_buf.get(size_t(TM));
+      float* bpack = carve.take(TM * d);
+      float* bn = carve.take(TM);
       const index_t list0 = index_t(thread_id()) * q * K;
       // Tiles are handed out in increasing order, so each thread sees its bank
       // rows in increasing index order (what TopK's tie rule needs).
@@ -118,8 +127,7 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
   // Merge the lists, recheck the K best exactly, keep k.
 #pragma omp parallel num_threads(threads)
   {
-    Buffer<Cand> cand_buf;
-    Cand* cand = cand_buf.get(size_t(n_lists) * K);
+    Cand* cand = cand0 + index_t(thread_id()) * n_lists * K;
 #pragma omp for schedule(static)
     for (index_t i = 0; i < q; ++i) {
       index_t n = 0;

@@ -86,21 +86,26 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
 
   if (B >= 2 * index_t(threads) || threads == 1 || B * n_btiles * n_qtiles == 1) {
     // Many small problems: one batch per thread at a time.
+    const index_t per_thread = Carve::size(d) + Carve::size(kTM * d) + Carve::size(kTM) +
+                               Carve::size(kTQ * d) + Carve::size(kTQ) + Carve::size(kTQ * kTM);
+    Buffer<float> scratch;
+    Buffer<double> mean_acc;
+    float* scratch0 = scratch.get(size_t(per_thread) * threads);
+    double* acc0 = mean_acc.get(size_t(d) * threads);
 #pragma omp parallel num_threads(threads) if (B > 1)
     {
-      Buffer<float> mean, bpack, bn, qpack, qn, cbuf;
-      Buffer<double> mean_acc;
-      mean.get(size_t(d));
-      mean_acc.get(size_t(d));
-      bpack.get(size_t(kTM) * d);
-      bn.get(size_t(kTM));
-      qpack.get(size_t(kTQ) * d);
-      qn.get(size_t(kTQ));
-      cbuf.get(size_t(kTQ) * kTM);
+      Carve carve{scratch0 + index_t(thread_id()) * per_thread};
+      float* mean = carve.take(d);
+      float* bpack = carve.take(kTM * d);
+      float* bn = carve.take(kTM);
+      float* qpack = carve.take(kTQ * d);
+      float* qn = carve.take(kTQ);
+      float* cbuf = carve.take(kTQ * kTM);
+      double* acc = acc0 + index_t(thread_id()) * d;
 #pragma omp for schedule(dynamic, 1)
       for (index_t bb = 0; bb < B; ++bb)
-        one_batch_serial(Batch{a + bb * n * d, b + bb * m * d, out + bb * n * m, n, m, d},
-                         mean.ptr, mean_acc.ptr, bpack.ptr, bn.ptr, qpack.ptr, qn.ptr, cbuf.ptr);
+        one_batch_serial(Batch{a + bb * n * d, b + bb * m * d, out + bb * n * m, n, m, d}, mean,
+                         acc, bpack, bn, qpack, qn, cbuf);
     }
     return;
   }
@@ -116,6 +121,10 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
     shared_pack.get(size_t(n_btiles) * kTM * d);
     shared_bn.get(size_t(n_btiles) * kTM);
   }
+  const index_t per_thread = Carve::size(kTQ * d) + Carve::size(kTQ) + Carve::size(kTQ * kTM) +
+                             (bank_major ? Carve::size(kTM * d) + Carve::size(kTM) : 0);
+  Buffer<float> scratch;
+  float* scratch0 = scratch.get(size_t(per_thread) * threads);
   for (index_t bb = 0; bb < B; ++bb) {
     const float* ab = a + bb * n * d;
     const float* bb_rows = b + bb * m * d;
@@ -123,13 +132,13 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
     column_mean_parallel(bb_rows, m, d, threads, mean, mean_partial);
 #pragma omp parallel num_threads(threads)
     {
-      Buffer<float> bpack_buf, bn_buf, qpack_buf, qn_buf, c_buf;
-      float* qpack = qpack_buf.get(size_t(kTQ) * d);
-      float* qn = qn_buf.get(size_t(kTQ));
-      float* cbuf = c_buf.get(size_t(kTQ) * kTM);
+      Carve carve{scratch0 + index_t(thread_id()) * per_thread};
+      float* qpack = carve.take(kTQ * d);
+      float* qn = carve.take(kTQ);
+      float* cbuf = carve.take(kTQ * kTM);
       if (bank_major) {
-        float* bpack = bpack_buf.get(size_t(kTM) * d);
-        float* bn = bn_buf.get(size_t(kTM));
+        float* bpack = carve.take(kTM * d);
+        float* bn = carve.take(kTM);
 #pragma omp for schedule(dynamic, 1)
         for (index_t bt = 0; bt < n_btiles; ++bt) {
           const index_t j0 = bt * kTM, cols = imin(kTM, m - j0), cols_pad = round_up(cols, kNR);

@@ -82,6 +82,33 @@ inline vreg vmul(vreg a, vreg b) { return _mm512_mul_ps(a, b); }
 inline vreg vmax(vreg a, vreg b) { return _mm512_max_ps(a, b); }
 inline unsigned vlt_mask(vreg a, vreg b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 inline float vsum(vreg a) { return _mm512_reduce_add_ps(a); }
+// In-register transpose of a 16 x 16 block (r[i] = row i -> r[k] = column k).
+constexpr bool kHasTranspose = true;
+inline void transpose(vreg r[kW]) {
+  vreg t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c], 128-bit lane L: rows i..i+3 of column 4L + c
+    r[i + 0] = _mm512_shuffle_ps(t[i + 0], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i + 0], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  vreg out[16];
+  for (int c = 0; c < 4; ++c) {
+    const vreg a0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    const vreg a1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    const vreg b0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const vreg b1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    out[c] = _mm512_shuffle_f32x4(a0, b0, 0x88);
+    out[8 + c] = _mm512_shuffle_f32x4(a0, b0, 0xdd);
+    out[4 + c] = _mm512_shuffle_f32x4(a1, b1, 0x88);
+    out[12 + c] = _mm512_shuffle_f32x4(a1, b1, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = out[i];
+}
 // Micro-tile: 8 query rows x 48 bank rows = 24 accumulators of 32 registers.
 constexpr int kMR = 8, kNRV = 3;
 constexpr int kKC = 128;        // d-chunk: packed bank micro-panel 128 x 48 x 4 B = 24 KiB (L1)
@@ -107,6 +134,27 @@ inline float vsum(vreg a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
+}
+// In-register transpose of an 8 x 8 block (r[i] = row i -> r[k] = column k).
+constexpr bool kHasTranspose = true;
+inline void transpose(vreg r[kW]) {
+  vreg t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // r[i + c], 128-bit lane L: rows i..i+3 of column 4L + c
+    r[i + 0] = _mm256_shuffle_ps(t[i + 0], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i + 0], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  vreg out[8];
+  for (int c = 0; c < 4; ++c) {
+    out[c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
+    out[4 + c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = out[i];
 }
 // Micro-tile: 6 query rows x 16 bank rows = 12 accumulators of 16 registers.
 constexpr int kMR = 6, kNRV = 2;
@@ -134,6 +182,8 @@ inline unsigned vlt_mask(vreg a, vreg b) {
   return m;
 }
 inline float vsum(vreg a) { float s = 0.f; for (int l = 0; l < kW; ++l) s += a[l]; return s; }
+constexpr bool kHasTranspose = false;  // packing uses the scalar loop
+inline void transpose(vreg*) {}
 constexpr int kMR = 6, kNRV = 2;  // 12 of 16 SSE registers hold accumulators
 constexpr int kKC = 256;
 constexpr int kTMGroups = 32;   // bank tile 256 rows
@@ -195,17 +245,6 @@ struct Chunks {
   index_t len(index_t c) const { return base + (c < extra ? 1 : 0); }
 };
 
-// Column means of x [n, d] in double, written as float (the centre only has to
-// be near the data; it does not need to be exact).
-inline void column_mean(const float* x, index_t n, index_t d, float* mean, double* acc) {
-  for (index_t p = 0; p < d; ++p) acc[p] = 0.0;
-  for (index_t i = 0; i < n; ++i) {
-    const float* xi = x + i * d;
-    for (index_t p = 0; p < d; ++p) acc[p] += xi[p];
-  }
-  for (index_t p = 0; p < d; ++p) mean[p] = float(acc[p] / double(n));
-}
-
 inline int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -222,25 +261,44 @@ inline int thread_id() {
 #endif
 }
 
-// column_mean with the rows split across `threads` threads; partial holds
-// d * threads doubles.
-inline void column_mean_parallel(const float* x, index_t n, index_t d, int threads, float* mean,
-                                 double* partial) {
+// Centre for the expansion: column means of at most ~2048 evenly spaced rows
+// of x [n, d] (the centre only has to be near the data; a full pass would
+// double the memory traffic of a small-query knn). Rows split across
+// `threads` threads; partial holds d * threads doubles.
+inline void sample_mean(const float* x, index_t n, index_t d, int threads, float* mean,
+                        double* partial) {
+  const index_t step = imax(1, n / 2048), count = (n + step - 1) / step;
   for (index_t p = 0; p < d * threads; ++p) partial[p] = 0.0;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (count * d > 100000)
   {
     double* acc = partial + index_t(thread_id()) * d;
 #pragma omp for schedule(static)
-    for (index_t i = 0; i < n; ++i) {
-      const float* row = x + i * d;
+    for (index_t i = 0; i < count; ++i) {
+      const float* row = x + i * step * d;
       for (index_t p = 0; p < d; ++p) acc[p] += row[p];
     }
   }
   for (index_t p = 0; p < d; ++p) {
     double s = 0.0;
     for (int t = 0; t < threads; ++t) s += partial[index_t(t) * d + p];
-    mean[p] = float(s / double(n));
+    mean[p] = float(s / double(count));
   }
+}
+
+// Squared norm of (x - mean) over d elements, vector partial sums.
+inline float centred_sqnorm(const float* x, const float* mean, index_t d) {
+  vreg acc = vzero();
+  index_t p = 0;
+  for (; p + kW <= d; p += kW) {
+    const vreg v = vsub(vload(x + p), vload(mean + p));
+    acc = vfma(v, v, acc);
+  }
+  float s = vsum(acc);
+  for (; p < d; ++p) {
+    const float v = x[p] - mean[p];
+    s += v * v;
+  }
+  return s;
 }
 
 // Packs bank rows [0, rows) of `b` (row stride d) centred on `mean` into
@@ -250,26 +308,36 @@ inline void column_mean_parallel(const float* x, index_t n, index_t d, int threa
 inline void pack_bank(const float* b, index_t rows, index_t d, const float* mean,
                       const Chunks& ch, float* packed, float* bn) {
   const index_t rows_pad = round_up(rows, kNR);
-  for (index_t j = 0; j < rows_pad; ++j) bn[j] = j < rows ? 0.f : kInf;
-  for (index_t c = 0; c < ch.count; ++c) {
-    const index_t p0 = ch.start(c), kc = ch.len(c);
-    float* chunk = packed + rows_pad * p0;
-    for (index_t g = 0; g < rows_pad / kNR; ++g) {
-      float* panel = chunk + g * kc * kNR;
-      for (index_t jj = 0; jj < kNR; ++jj) {
-        const index_t j = g * kNR + jj;
-        if (j < rows) {
-          const float* src = b + j * d + p0;
-          const float* mu = mean + p0;
-          float s = 0.f;
-          for (index_t p = 0; p < kc; ++p) {
-            const float v = src[p] - mu[p];
-            panel[p * kNR + jj] = v;
-            s += v * v;
+  // Group by group (kNR rows, a few hundred KiB at most), so the rows read
+  // for the norms are still in cache when they are packed.
+  for (index_t g = 0; g < rows_pad / kNR; ++g) {
+    for (index_t j = g * kNR; j < (g + 1) * kNR; ++j)
+      bn[j] = j < rows ? centred_sqnorm(b + j * d, mean, d) : kInf;
+    for (index_t c = 0; c < ch.count; ++c) {
+      const index_t p0 = ch.start(c), kc = ch.len(c);
+      float* panel = packed + rows_pad * p0 + g * kc * kNR;
+      const float* mu = mean + p0;
+      for (index_t jb = 0; jb < kNR; jb += kW) {
+        const index_t j = g * kNR + jb;
+        const float* src = b + j * d + p0;
+        if (kHasTranspose && j + kW <= rows) {
+          index_t p = 0;
+          for (; p + kW <= kc; p += kW) {  // kW x kW blocks through registers
+            vreg r[kW];
+            const vreg m = vload(mu + p);
+            for (int l = 0; l < kW; ++l) r[l] = vsub(vload(src + l * d + p), m);
+            transpose(r);
+            for (int l = 0; l < kW; ++l) vstore(panel + (p + l) * kNR + jb, r[l]);
           }
-          bn[j] += s;
+          for (; p < kc; ++p)
+            for (int l = 0; l < kW; ++l) panel[p * kNR + jb + l] = src[l * d + p] - mu[p];
         } else {
-          for (index_t p = 0; p < kc; ++p) panel[p * kNR + jj] = 0.f;
+          for (index_t l = 0; l < kW; ++l) {
+            if (j + l < rows)
+              for (index_t p = 0; p < kc; ++p) panel[p * kNR + jb + l] = src[l * d + p] - mu[p];
+            else
+              for (index_t p = 0; p < kc; ++p) panel[p * kNR + jb + l] = 0.f;
+          }
         }
       }
     }

@@ -46,7 +46,7 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
   Buffer<double> mean_acc;
   Buffer<index_t> list_idx;
   float* mean = mean_buf.get(size_t(d));
-  column_mean_parallel(bank, m, d, threads, mean, mean_acc.get(size_t(d) * threads));
+  sample_mean(bank, m, d, threads, mean, mean_acc.get(size_t(d) * threads));
   float* ld = list_dist.get(size_t(n_lists) * q * K);
   index_t* li = list_idx.get(size_t(n_lists) * q * K);
   // Every list starts empty (also those of threads the runtime may not start).

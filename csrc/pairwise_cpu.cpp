@@ -64,7 +64,7 @@ struct Batch {
 void one_batch_serial(const Batch& p, float* mean, double* mean_acc, float* bpack, float* bn,
                       float* qpack, float* qn, float* cbuf) {
   const Chunks ch(p.d);
-  column_mean(p.b, p.m, p.d, mean, mean_acc);
+  sample_mean(p.b, p.m, p.d, 1, mean, mean_acc);
   for (index_t j0 = 0; j0 < p.m; j0 += kTM) {
     const index_t cols = imin(kTM, p.m - j0), cols_pad = round_up(cols, kNR);
     pack_bank(p.b + j0 * p.d, cols, p.d, mean, ch, bpack, bn);
@@ -129,7 +129,7 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
     const float* ab = a + bb * n * d;
     const float* bb_rows = b + bb * m * d;
     float* ob = out + bb * n * m;
-    column_mean_parallel(bb_rows, m, d, threads, mean, mean_partial);
+    sample_mean(bb_rows, m, d, threads, mean, mean_partial);
 #pragma omp parallel num_threads(threads)
     {
       Carve carve{scratch0 + index_t(thread_id()) * per_thread};

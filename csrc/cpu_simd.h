@@ -269,7 +269,7 @@ inline void sample_mean(const float* x, index_t n, index_t d, int threads, float
                         double* partial) {
   const index_t step = imax(1, n / 2048), count = (n + step - 1) / step;
   for (index_t p = 0; p < d * threads; ++p) partial[p] = 0.0;
-#pragma omp parallel num_threads(threads) if (count * d > 100000)
+#pragma omp parallel num_threads(threads) if (count * d > (1 << 20))
   {
     double* acc = partial + index_t(thread_id()) * d;
 #pragma omp for schedule(static)

@@ -11,8 +11,9 @@
 //  * few bank tiles (small bank): the whole bank is packed once, shared, and
 //    threads take query tiles.
 // Exactness: each list keeps K = k + kExtra candidates by the expanded
-// distance; the final candidates are rechecked with exact differences in
-// double, re-sorted by (distance, index) and the first k returned. So the
+// distance; the final candidates (the k best and those within the expansion's
+// error bound of the k-th) are rechecked with exact differences in double,
+// re-sorted by (distance, index) and the first k returned. So the
 // returned distances do not suffer from the expansion's cancellation, and
 // near-ties the expansion mis-ordered are put back in order.
 #include "knn.h"
@@ -27,7 +28,11 @@ namespace sp {
 namespace SP_ISA_NS {
 
 namespace {
+// Candidates kept per list beyond k, for the exact recheck.
 constexpr index_t kExtra = 8;
+// Relative error bound assumed for the expansion: ~4000 float32 epsilons,
+// ~30x the worst case of the chunked FMA sums (kKC terms per chunk).
+constexpr double kTol = 1.0 / 4096.0;
 }  // namespace
 
 void knn(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
@@ -50,7 +55,7 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
   float* ld = list_dist.get(size_t(n_lists) * q * K);
   index_t* li = list_idx.get(size_t(n_lists) * q * K);
   // Every list starts empty (also those of threads the runtime may not start).
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (n_lists * q * K > (1 << 16))
   for (index_t i = 0; i < n_lists * q; ++i) TopK{ld + i * K, li + i * K, K}.reset();
 
   // Few bank tiles: pack the whole bank once, shared by all threads.
@@ -139,8 +144,19 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
       const index_t keep = imin(K, n);
       if (n_lists > 1) std::partial_sort(cand, cand + keep, cand + n);
       const float* qi = queries + i * d;
-      for (index_t t = 0; t < keep; ++t) cand[t].d2 = exact_sqdist(qi, bank + cand[t].j * d, d);
-      std::sort(cand, cand + keep);
+      // Only candidates within twice the expansion's error of the k-th can
+      // trade places with it. The error is below ~kTol (|a| + |b|)^2 (centred
+      // rows), and |a| + |b| <= 2 |a| + dist by the triangle inequality.
+      index_t check = keep;
+      if (keep > k) {
+        const double kth = cand[k - 1].d2;
+        const double scale = 2.0 * std::sqrt(double(centred_sqnorm(qi, mean, d))) + std::sqrt(kth);
+        const double limit = kth + 2.0 * kTol * scale * scale;
+        check = k;
+        while (check < keep && cand[check].d2 <= limit) ++check;
+      }
+      for (index_t t = 0; t < check; ++t) cand[t].d2 = exact_sqdist(qi, bank + cand[t].j * d, d);
+      std::sort(cand, cand + check);
       // Fewer than k candidates only happens with NaN inputs (which never
       // compare below a threshold) when the caller skipped the finiteness
       // check: fill with NaN / -1 rather than reading past the list.

@@ -13,9 +13,11 @@
 // Exactness: each list keeps K = k + kExtra candidates by the expanded
 // distance; the final candidates (the k best and those within the expansion's
 // error bound of the k-th) are rechecked with exact differences in double,
-// re-sorted by (distance, index) and the first k returned. So the
-// returned distances do not suffer from the expansion's cancellation, and
-// near-ties the expansion mis-ordered are put back in order.
+// re-sorted by (distance, index) and the first k returned. If even the K-th
+// candidate is inside that bound (rows far from the bank mean, distances far
+// below their norms), the query falls back to an exact scan of the bank. So
+// returned distances never suffer from the expansion's cancellation, and
+// near-ties it mis-ordered are put back in order.
 #include "knn.h"
 
 #include <algorithm>
@@ -30,9 +32,26 @@ namespace SP_ISA_NS {
 namespace {
 // Candidates kept per list beyond k, for the exact recheck.
 constexpr index_t kExtra = 8;
-// Relative error bound assumed for the expansion: ~4000 float32 epsilons,
-// ~30x the worst case of the chunked FMA sums (kKC terms per chunk).
-constexpr double kTol = 1.0 / 4096.0;
+// Relative error bound assumed for the expansion, times (|a| + |b|)^2 of the
+// centred rows: ~1000 float32 epsilons, a few times the worst case of the
+// chunked FMA sums (up to kKC + d / kKC terms).
+constexpr double kTol = 1.0 / 16384.0;
+
+// The k nearest rows of the whole bank by exact distance, ascending, ties to
+// the lower index, into cand[0, k) (fallback when the expansion cannot rank).
+void exact_scan(const float* qi, const float* bank, index_t m, index_t d, index_t k, Cand* cand) {
+  index_t n = 0;
+  for (index_t j = 0; j < m; ++j) {
+    const Cand c{exact_sqdist(qi, bank + j * d, d), j};
+    if (n == k && !(c.d2 < cand[k - 1].d2)) continue;
+    index_t pos = n < k ? n++ : k - 1;
+    while (pos > 0 && c.d2 < cand[pos - 1].d2) {
+      cand[pos] = cand[pos - 1];
+      --pos;
+    }
+    cand[pos] = c;
+  }
+}
 }  // namespace
 
 void knn(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
@@ -148,15 +167,24 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
       // trade places with it. The error is below ~kTol (|a| + |b|)^2 (centred
       // rows), and |a| + |b| <= 2 |a| + dist by the triangle inequality.
       index_t check = keep;
+      bool complete = true;  // the candidates surely hold the true k nearest
       if (keep > k) {
         const double kth = cand[k - 1].d2;
         const double scale = 2.0 * std::sqrt(double(centred_sqnorm(qi, mean, d))) + std::sqrt(kth);
         const double limit = kth + 2.0 * kTol * scale * scale;
         check = k;
         while (check < keep && cand[check].d2 <= limit) ++check;
+        // Every kept candidate is inside the error window, so rows that were
+        // not kept might belong to the k nearest (rows far from the bank mean
+        // whose distances are far below their norms): scan exactly.
+        complete = check < keep || keep == m;
       }
-      for (index_t t = 0; t < check; ++t) cand[t].d2 = exact_sqdist(qi, bank + cand[t].j * d, d);
-      std::sort(cand, cand + check);
+      if (complete) {
+        for (index_t t = 0; t < check; ++t) cand[t].d2 = exact_sqdist(qi, bank + cand[t].j * d, d);
+        std::sort(cand, cand + check);
+      } else {
+        exact_scan(qi, bank, m, d, k, cand);
+      }
       // Fewer than k candidates only happens with NaN inputs (which never
       // compare below a threshold) when the caller skipped the finiteness
       // check: fill with NaN / -1 rather than reading past the list.

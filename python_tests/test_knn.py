@@ -123,6 +123,19 @@ def test_knn_far_from_origin_is_accurate(rng, isa):
     assert_knn_equal(ops.knn(queries, bank, 3), queries, bank, 3)
 
 
+@pytest.mark.parametrize("spread", [1.0, 1e-3])
+def test_knn_two_far_clusters(rng, isa, spread):
+    """Clusters far from the origin on opposite sides: centring on the mean does
+    not shrink the norms. Spread 1: the exact recheck orders the candidates;
+    spread 1e-3 (distances ~1e-6 of the norms): the expansion cannot rank at
+    all and the kernel falls back to an exact scan."""
+    centre = 100.0 * rng.standard_normal(16).astype(np.float32)
+    bank = np.concatenate([centre + spread * randn(rng, 150, 16), -centre + spread * randn(rng, 150, 16)])
+    queries = np.concatenate([centre + spread * randn(rng, 20, 16), -centre + spread * randn(rng, 20, 16)])
+    bank, queries = bank.astype(np.float32), queries.astype(np.float32)
+    assert_knn_equal(ops.knn(queries, bank, 4), queries, bank, 4)
+
+
 def test_knn_float16_inputs(rng, isa):
     queries, bank = randn(rng, 30, 40, dtype=np.float16), randn(rng, 90, 40, dtype=np.float16)
     got = ops.knn(queries, bank, 3)

@@ -85,6 +85,15 @@ def test_pairwise_far_from_origin(rng, isa):
     np.testing.assert_allclose(got, ref.pairwise_sqdist(a, b), rtol=1e-4)
 
 
+def test_pairwise_two_far_clusters(rng, isa):
+    """Distances ~1e-6 of the norms that centring cannot shrink: the values are
+    recomputed from differences, so within-cluster distances stay accurate."""
+    centre = 100.0 * rng.standard_normal(16).astype(np.float32)
+    a = np.concatenate([centre + 1e-3 * randn(rng, 30, 16), -centre + 1e-3 * randn(rng, 30, 16)])
+    a = a.astype(np.float32)
+    np.testing.assert_allclose(ops.pairwise_sqdist(a, a), ref.pairwise_sqdist(a, a), rtol=1e-5)
+
+
 def test_pairwise_float16(rng, isa):
     a, b = randn(rng, 2, 30, 20, dtype=np.float16), randn(rng, 2, 40, 20, dtype=np.float16)
     got = ops.pairwise_sqdist(a, b)

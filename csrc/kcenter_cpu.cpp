@@ -1,41 +1,467 @@
-// TEMPORARY naive implementation (to be replaced by the pruned kernel).
+// Greedy k-center (farthest-point) coreset selection on the CPU, exact and pruned.
+//
+// Exactness. Every distance that can change the selection is computed by
+// `exact_sqdist`: float64 differences and squares summed in the order numpy's
+// float64 `((x - c) ** 2).sum(-1)` uses (8 interleaved accumulators, pairwise
+// split above 128 elements; never fused into FMAs). Priorities are
+// w * sqrt(min sqdist) in float64 and the argmax takes the lowest index on
+// ties. So the result is bit-for-bit the naive loop of _reference.py, whatever
+// work the pruning below skips.
+//
+// Pruning. Every eligible point p (weight > 0) belongs to the group of an
+// "owner" centre o(p) with u_p = exact ||p - x_o|| and mind_p <= u_p its
+// current min-distance (equal in the exact variant). For a new centre c,
+//   ||p - c|| >= ||c - x_o|| - u_p,
+// so p cannot improve when ||c - x_o|| >= u_p + mind_p; a whole group is
+// skipped when ||c - x_o|| >= max over members of (u_p + mind_p). Centre-to-
+// centre distances and the per-point pre-check use fast float32 SIMD distances
+// (FMA, any order) turned into lower bounds with a rigorous relative error
+// bound; only points whose float32 lower bound falls below u_p get the exact
+// float64 distance. Points move to the group of a centre that is strictly
+// closer than their owner.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
+// GCC 12 reports false "uninitialized" warnings inside its AVX-512 headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "kcenter.h"
+
+// The exact kernels must not contract a*b+c into an FMA (a different rounding
+// from numpy's); the float32 filters use explicit FMA intrinsics instead.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define SP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define SP_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
 namespace sp {
 namespace {
 
-float dist(const float* a, const float* b, index_t d) {
-  float s = 0.f;
-  for (index_t t = 0; t < d; ++t) {
-    float u = a[t] - b[t];
-    s += u * u;
-  }
-  return std::sqrt(s);
+// ------------------------------------------------------------------ ISA choice
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+Isa best_isa() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    return Isa::Scalar;
+  }();
+  return best;
 }
 
-void greedy_loop(const float* x, index_t n, index_t d, index_t m, index_t first,
-                 const float* w, std::vector<float>& mind, index_t* out) {
+// SOFTPATCH_CPU_ISA=avx512|avx2|scalar caps the instruction set (read on every
+// call so tests can exercise each path); a level the CPU lacks falls back to
+// the best one it has.
+Isa select_isa() {
+  Isa isa = best_isa();
+  const char* env = std::getenv("SOFTPATCH_CPU_ISA");
+  if (env && *env) {
+    std::string v(env);
+    Isa want;
+    if (v == "avx512") want = Isa::Avx512;
+    else if (v == "avx2") want = Isa::Avx2;
+    else if (v == "scalar") want = Isa::Scalar;
+    else
+      throw std::invalid_argument("SOFTPATCH_CPU_ISA must be 'avx512', 'avx2' or 'scalar', got '" + v + "'");
+    isa = std::min(isa, want);
+  }
+  return isa;
+}
+
+// ------------------------------------------------------------------ exact distance
+// numpy's pairwise_sum block (n <= 128): 8 interleaved accumulators, combined
+// as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), then the tail added in order.
+inline double sq_diff(const float* a, const float* b, index_t t) {
+  double u = double(a[t]) - double(b[t]);
+  return u * u;
+}
+
+double exact_block_scalar(const float* a, const float* b, index_t n) {
+  if (n < 8) {
+    double s = 0.;
+    for (index_t t = 0; t < n; ++t) s += sq_diff(a, b, t);
+    return s;
+  }
+  double r[8];
+  for (int j = 0; j < 8; ++j) r[j] = sq_diff(a, b, j);
+  index_t n8 = n - n % 8, t = 8;
+  for (; t < n8; t += 8)
+    for (int j = 0; j < 8; ++j) r[j] += sq_diff(a, b, t + j);
+  double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+  for (; t < n; ++t) s += sq_diff(a, b, t);
+  return s;
+}
+
+// AVX2 without FMA in the target, so the compiler cannot fuse mul+add.
+__attribute__((target("avx2"))) double exact_block_avx2(const float* a, const float* b, index_t n) {
+  if (n < 8) return exact_block_scalar(a, b, n);
+  __m256d r0 = _mm256_setzero_pd(), r1 = _mm256_setzero_pd();
+  index_t n8 = n - n % 8, t = 0;
+  for (; t < n8; t += 8) {
+    __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + t)), _mm256_cvtps_pd(_mm_loadu_ps(b + t)));
+    __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + t + 4)), _mm256_cvtps_pd(_mm_loadu_ps(b + t + 4)));
+    r0 = _mm256_add_pd(r0, _mm256_mul_pd(d0, d0));
+    r1 = _mm256_add_pd(r1, _mm256_mul_pd(d1, d1));
+  }
+  alignas(32) double r[8];
+  _mm256_store_pd(r, r0);
+  _mm256_store_pd(r + 4, r1);
+  double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+  for (; t < n; ++t) s += sq_diff(a, b, t);
+  return s;
+}
+
+// Explicit-rounding intrinsics are never contracted into FMAs.
+SP_TARGET_AVX512 double exact_block_avx512(const float* a, const float* b, index_t n) {
+  if (n < 8) return exact_block_scalar(a, b, n);
+  constexpr int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m512d r = _mm512_setzero_pd();
+  index_t n8 = n - n % 8, t = 0;
+  for (; t < n8; t += 8) {
+    __m512d df = _mm512_sub_round_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + t)),
+                                     _mm512_cvtps_pd(_mm256_loadu_ps(b + t)), R);
+    r = _mm512_add_round_pd(r, _mm512_mul_round_pd(df, df, R), R);
+  }
+  alignas(64) double q[8];
+  _mm512_store_pd(q, r);
+  double s = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+  for (; t < n; ++t) s += sq_diff(a, b, t);
+  return s;
+}
+
+template <Isa I>
+double exact_sqdist(const float* a, const float* b, index_t n) {
+  if (n > 128) {  // numpy: halve, keeping the first half a multiple of 8
+    index_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return exact_sqdist<I>(a, b, n2) + exact_sqdist<I>(a + n2, b + n2, n - n2);
+  }
+  if constexpr (I == Isa::Avx512) return exact_block_avx512(a, b, n);
+  else if constexpr (I == Isa::Avx2) return exact_block_avx2(a, b, n);
+  else return exact_block_scalar(a, b, n);
+}
+
+// ------------------------------------------------------------------ float32 filters
+// Squared distances of 4 points to one centre, float32, any summation order.
+void filter4_scalar(const float* c, const float* const p[4], index_t d, float out[4]) {
+  for (int q = 0; q < 4; ++q) {
+    float s = 0.f;
+    for (index_t t = 0; t < d; ++t) {
+      float u = p[q][t] - c[t];
+      s += u * u;
+    }
+    out[q] = s;
+  }
+}
+
+SP_TARGET_AVX2 void filter4_avx2(const float* c, const float* const p[4], index_t d, float out[4]) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  index_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    __m256 vc = _mm256_loadu_ps(c + t);
+    __m256 u0 = _mm256_sub_ps(_mm256_loadu_ps(p[0] + t), vc);
+    __m256 u1 = _mm256_sub_ps(_mm256_loadu_ps(p[1] + t), vc);
+    __m256 u2 = _mm256_sub_ps(_mm256_loadu_ps(p[2] + t), vc);
+    __m256 u3 = _mm256_sub_ps(_mm256_loadu_ps(p[3] + t), vc);
+    s0 = _mm256_fmadd_ps(u0, u0, s0);
+    s1 = _mm256_fmadd_ps(u1, u1, s1);
+    s2 = _mm256_fmadd_ps(u2, u2, s2);
+    s3 = _mm256_fmadd_ps(u3, u3, s3);
+  }
+  // Horizontal sums of the 4 accumulators at once.
+  __m256 h01 = _mm256_hadd_ps(s0, s1), h23 = _mm256_hadd_ps(s2, s3);
+  __m256 h = _mm256_hadd_ps(h01, h23);
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(out, r);
+  for (; t < d; ++t)
+    for (int q = 0; q < 4; ++q) {
+      float u = p[q][t] - c[t];
+      out[q] += u * u;
+    }
+}
+
+SP_TARGET_AVX512 void filter4_avx512(const float* c, const float* const p[4], index_t d, float out[4]) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  index_t t = 0;
+  for (; t + 16 <= d; t += 16) {
+    __m512 vc = _mm512_loadu_ps(c + t);
+    __m512 u0 = _mm512_sub_ps(_mm512_loadu_ps(p[0] + t), vc);
+    __m512 u1 = _mm512_sub_ps(_mm512_loadu_ps(p[1] + t), vc);
+    __m512 u2 = _mm512_sub_ps(_mm512_loadu_ps(p[2] + t), vc);
+    __m512 u3 = _mm512_sub_ps(_mm512_loadu_ps(p[3] + t), vc);
+    s0 = _mm512_fmadd_ps(u0, u0, s0);
+    s1 = _mm512_fmadd_ps(u1, u1, s1);
+    s2 = _mm512_fmadd_ps(u2, u2, s2);
+    s3 = _mm512_fmadd_ps(u3, u3, s3);
+  }
+  if (t < d) {
+    __mmask16 k = __mmask16((1u << (d - t)) - 1u);
+    __m512 vc = _mm512_maskz_loadu_ps(k, c + t);
+    __m512 u0 = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, p[0] + t), vc);
+    __m512 u1 = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, p[1] + t), vc);
+    __m512 u2 = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, p[2] + t), vc);
+    __m512 u3 = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, p[3] + t), vc);
+    s0 = _mm512_fmadd_ps(u0, u0, s0);
+    s1 = _mm512_fmadd_ps(u1, u1, s1);
+    s2 = _mm512_fmadd_ps(u2, u2, s2);
+    s3 = _mm512_fmadd_ps(u3, u3, s3);
+  }
+  out[0] = _mm512_reduce_add_ps(s0);
+  out[1] = _mm512_reduce_add_ps(s1);
+  out[2] = _mm512_reduce_add_ps(s2);
+  out[3] = _mm512_reduce_add_ps(s3);
+}
+
+template <Isa I>
+inline void filter4(const float* c, const float* const p[4], index_t d, float out[4]) {
+  if constexpr (I == Isa::Avx512) filter4_avx512(c, p, d, out);
+  else if constexpr (I == Isa::Avx2) filter4_avx2(c, p, d, out);
+  else filter4_scalar(c, p, d, out);
+}
+
+// ------------------------------------------------------------------ greedy loop
+struct Group {
+  index_t centre = -1;              // selection step of the owning centre
+  std::vector<index_t> members;     // eligible points owned by this centre
+  double bound = -1.;               // max over members of u_p + mind_p
+  double best_prio = -1.;           // max over members of w_p * mind_p
+  index_t best_idx = -1;            // its lowest index
+};
+
+struct State {
+  const float* x;
+  index_t n, d;
+  const float* w;
+  std::vector<double> mind, u, prio;
+  double rel_err;                    // relative error bound of float32 squared distances
+};
+
+// Lower bound of the true distance from a float32 squared distance `f`.
+inline double lower_dist(float f, double rel_err) {
+  if (!(f < std::numeric_limits<float>::infinity())) return 0.;  // overflowed: no information
+  double lo = double(f) * (1. - rel_err) - 1e-36;                 // 1e-36 covers subnormal rounding
+  return lo > 0. ? std::sqrt(lo) * (1. - 1e-12) : 0.;
+}
+
+inline bool better(double p, index_t i, double bp, index_t bi) {
+  return p > bp || (p == bp && i < bi);
+}
+
+void refresh_stats(const State& st, Group& g) {
+  double bound = -1., bp = -1.;
+  index_t bi = -1;
+  for (index_t p : g.members) {
+    bound = std::max(bound, st.u[p] + st.mind[p]);
+    if (better(st.prio[p], p, bp, bi)) { bp = st.prio[p]; bi = p; }
+  }
+  g.bound = bound;
+  g.best_prio = bp;
+  g.best_idx = bi;
+}
+
+// Scans the members of group `g` against the new centre `xc` (step `s`), given
+// a lower bound `dlo` of ||xc - centre(g)||. Members that get strictly closer
+// to `xc` than to their owner are appended to `moved` and removed from `g`.
+template <Isa I>
+void scan_group(State& st, Group& g, const float* xc, double dlo, index_t s,
+                std::vector<index_t>& moved, std::vector<index_t>& cand) {
+  const index_t d = st.d;
+  cand.clear();
+  for (size_t q = 0; q < g.members.size(); ++q) {
+    index_t p = g.members[q];
+    if (dlo < st.u[p] + st.mind[p]) cand.push_back(index_t(q));
+  }
+  if (cand.empty()) return;
+  // Pad to a multiple of 4 with repeats of the last candidate (results ignored).
+  size_t nc = cand.size();
+  const float* rows[4];
+  float f[4];
+  bool any_moved = false;
+  for (size_t b = 0; b < nc; b += 4) {
+    for (int q = 0; q < 4; ++q) rows[q] = st.x + g.members[cand[std::min(b + q, nc - 1)]] * d;
+    filter4<I>(xc, rows, d, f);
+    for (int q = 0; q < 4 && b + q < nc; ++q) {
+      index_t slot = cand[b + q], p = g.members[slot];
+      double up = st.u[p];
+      if (lower_dist(f[q], st.rel_err) >= up) continue;
+      double e = std::sqrt(exact_sqdist<I>(st.x + p * d, xc, d));
+      if (e < st.mind[p]) {
+        st.mind[p] = e;
+        st.prio[p] = (st.w ? double(st.w[p]) : 1.) * e;
+      }
+      if (e < up) {
+        st.u[p] = e;
+        moved.push_back(p);
+        g.members[slot] = -1;  // removed below
+        any_moved = true;
+      }
+    }
+  }
+  if (any_moved)
+    g.members.erase(std::remove(g.members.begin(), g.members.end(), index_t(-1)), g.members.end());
+  refresh_stats(st, g);
+  (void)s;
+}
+
+template <Isa I>
+void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
+            const float* w, std::vector<double>& init_mind, index_t* out) {
+  State st{x, n, d, w, std::move(init_mind), std::vector<double>(n), std::vector<double>(n), 0.};
+  // float32 sum of d squared rounded differences, any order, with or without
+  // FMA: relative error <= (d + 2) * 2^-24; doubled for margin.
+  st.rel_err = double(d + 8) * std::ldexp(1.0, -23);
+
+  std::vector<float> centres(size_t(m) * d);
+  std::vector<Group> groups;
+  groups.reserve(m);
+  std::vector<index_t> live;  // groups with members
+  std::vector<double> dlo;
+  std::vector<index_t> active;
+#ifdef _OPENMP
+  const int max_threads = omp_get_max_threads();
+#else
+  const int max_threads = 1;
+#endif
+  std::vector<std::vector<index_t>> moved_tl(max_threads), cand_tl(max_threads);
+
   index_t c = first;
   for (index_t s = 0; s < m; ++s) {
     out[s] = c;
-    const float* xc = x + c * d;
-    for (index_t i = 0; i < n; ++i) {
-      float v = dist(x + i * d, xc, d);
-      if (v < mind[i]) mind[i] = v;
+    float* xc = centres.data() + s * d;
+    std::memcpy(xc, x + c * d, sizeof(float) * d);
+    groups.emplace_back();
+    Group& ng = groups.back();
+    ng.centre = s;
+    if (s == 0) {
+      // Every eligible point is owned by the first centre.
+      for (index_t p = 0; p < n; ++p)
+        if (!w || w[p] > 0.f) ng.members.push_back(p);
+      const index_t cnt = index_t(ng.members.size());
+#pragma omp parallel for schedule(static) if (cnt * d > (1 << 16))
+      for (index_t q = 0; q < cnt; ++q) {
+        index_t p = ng.members[q];
+        double e = std::sqrt(exact_sqdist<I>(x + p * d, xc, d));
+        st.u[p] = e;
+        if (e < st.mind[p]) st.mind[p] = e;
+        st.prio[p] = (w ? double(w[p]) : 1.) * st.mind[p];
+      }
+      refresh_stats(st, ng);
+      live.push_back(0);
+    } else {
+      // Lower bounds of the distances from the new centre to every live centre.
+      const index_t nl = index_t(live.size());
+      dlo.resize(nl);
+#pragma omp parallel for schedule(static) if (nl * d > (1 << 18))
+      for (index_t b = 0; b < nl; b += 4) {
+        const float* rows[4];
+        float f[4];
+        for (int q = 0; q < 4; ++q)
+          rows[q] = centres.data() + groups[live[std::min(b + q, nl - 1)]].centre * d;
+        filter4<I>(xc, rows, d, f);
+        for (int q = 0; q < 4 && b + q < nl; ++q) dlo[b + q] = lower_dist(f[q], st.rel_err);
+      }
+      active.clear();
+      index_t work = 0;
+      for (index_t q = 0; q < nl; ++q) {
+        const Group& g = groups[live[q]];
+        if (dlo[q] < g.bound) {
+          active.push_back(q);
+          work += index_t(g.members.size());
+        }
+      }
+      const index_t na = index_t(active.size());
+      for (auto& v : moved_tl) v.clear();
+#pragma omp parallel if (work * d > (1 << 17) && na > 1)
+      {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num();
+#else
+        const int tid = 0;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (index_t a = 0; a < na; ++a) {
+          index_t q = active[a];
+          scan_group<I>(st, groups[live[q]], xc, dlo[q], s, moved_tl[tid], cand_tl[tid]);
+        }
+      }
+      for (auto& v : moved_tl) ng.members.insert(ng.members.end(), v.begin(), v.end());
+      refresh_stats(st, ng);
+      // Drop groups that lost all their members.
+      index_t kept = 0;
+      for (index_t q = 0; q < nl; ++q)
+        if (!groups[live[q]].members.empty()) live[kept++] = live[q];
+      live.resize(kept);
+      if (!ng.members.empty()) live.push_back(s);
     }
-    float best = -1.f;
+    if (s + 1 == m) break;
+    // Next centre: the largest priority, lowest index among ties.
+    double bp = -1.;
     index_t bi = -1;
-    for (index_t i = 0; i < n; ++i) {
-      float wi = w ? w[i] : 1.f;
-      if (wi <= 0.f) continue;
-      float p = wi * mind[i];
-      if (p > best) { best = p; bi = i; }
+    for (index_t q : live) {
+      const Group& g = groups[q];
+      if (better(g.best_prio, g.best_idx, bp, bi)) { bp = g.best_prio; bi = g.best_idx; }
     }
     c = bi;
+  }
+}
+
+// numpy's pairwise summation of a float64 array.
+double pairwise_sum(const double* a, index_t n) {
+  if (n < 8) {
+    double s = 0.;
+    for (index_t t = 0; t < n; ++t) s += a[t];
+    return s;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    index_t n8 = n - n % 8, t = 8;
+    for (; t < n8; t += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[t + j];
+    double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; t < n; ++t) s += a[t];
+    return s;
+  }
+  index_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+template <Isa I>
+void approx_init(const float* x, index_t n, index_t d, const index_t* anchors, index_t na,
+                 std::vector<double>& init) {
+  // numpy: sqrt(pairwise_sqdist(x, x[anchors])).mean(axis=1) -- a pairwise sum
+  // of the na distances, then one division.
+#pragma omp parallel if (n * na * d > (1 << 16))
+  {
+    std::vector<double> dist(na);
+#pragma omp for schedule(static)
+    for (index_t p = 0; p < n; ++p) {
+      for (index_t a = 0; a < na; ++a)
+        dist[a] = std::sqrt(exact_sqdist<I>(x + p * d, x + anchors[a] * d, d));
+      init[p] = pairwise_sum(dist.data(), na) / double(na);
+    }
   }
 }
 
@@ -43,26 +469,41 @@ void greedy_loop(const float* x, index_t n, index_t d, index_t m, index_t first,
 
 void kcenter_greedy_cpu(const float* x, index_t n, index_t d, index_t m,
                         index_t start, const float* w, index_t* out) {
-  std::vector<float> mind(n, std::numeric_limits<float>::infinity());
-  greedy_loop(x, n, d, m, start, w, mind, out);
+  SP_CHECK_ARG(n >= 1 && d >= 1 && m >= 1, "kcenter_greedy: need n, d, m >= 1");
+  SP_CHECK_ARG(start >= 0 && start < n, "kcenter_greedy: start must be in [0, n)");
+  std::vector<double> mind(n, std::numeric_limits<double>::infinity());
+  switch (select_isa()) {
+    case Isa::Avx512: greedy<Isa::Avx512>(x, n, d, m, start, w, mind, out); break;
+    case Isa::Avx2: greedy<Isa::Avx2>(x, n, d, m, start, w, mind, out); break;
+    default: greedy<Isa::Scalar>(x, n, d, m, start, w, mind, out); break;
+  }
+}
+
+template <Isa I>
+static void approx_run(const float* x, index_t n, index_t d, index_t m,
+                       const index_t* anchors, index_t na, const float* w, index_t* out) {
+  std::vector<double> init(n);
+  approx_init<I>(x, n, d, anchors, na, init);
+  double bp = -1.;
+  index_t first = -1;
+  for (index_t p = 0; p < n; ++p) {
+    if (w && !(w[p] > 0.f)) continue;
+    double pr = (w ? double(w[p]) : 1.) * init[p];
+    if (pr > bp) { bp = pr; first = p; }
+  }
+  SP_CHECK_ARG(first >= 0, "kcenter_greedy_approx: no point has a positive sample_weight");
+  greedy<I>(x, n, d, m, first, w, init, out);
 }
 
 void kcenter_greedy_approx_cpu(const float* x, index_t n, index_t d, index_t m,
                                const index_t* anchors, index_t na,
                                const float* w, index_t* out) {
-  std::vector<float> mind(n);
-  for (index_t i = 0; i < n; ++i) {
-    double s = 0;
-    for (index_t a = 0; a < na; ++a) s += dist(x + i * d, x + anchors[a] * d, d);
-    mind[i] = float(s / na);
+  SP_CHECK_ARG(n >= 1 && d >= 1 && m >= 1 && na >= 1, "kcenter_greedy_approx: need n, d, m, n_anchors >= 1");
+  switch (select_isa()) {
+    case Isa::Avx512: approx_run<Isa::Avx512>(x, n, d, m, anchors, na, w, out); break;
+    case Isa::Avx2: approx_run<Isa::Avx2>(x, n, d, m, anchors, na, w, out); break;
+    default: approx_run<Isa::Scalar>(x, n, d, m, anchors, na, w, out); break;
   }
-  float best = -1.f;
-  index_t bi = 0;
-  for (index_t i = 0; i < n; ++i) {
-    float wi = w ? w[i] : 1.f;
-    if (wi > 0.f && wi * mind[i] > best) { best = wi * mind[i]; bi = i; }
-  }
-  greedy_loop(x, n, d, m, bi, w, mind, out);
 }
 
 }  // namespace sp

@@ -241,101 +241,148 @@ inline void filter4(const float* c, const float* const p[4], index_t d, float ou
 }
 
 // ------------------------------------------------------------------ greedy loop
+// A group: the eligible points owned by one centre, stored contiguously (rows
+// and per-point state) so that scanning a group streams memory.
+struct Members {
+  std::vector<float> rows;     // size() * d
+  std::vector<index_t> idx;    // original point index
+  std::vector<double> u;       // exact distance to the owner centre
+  std::vector<double> mind;    // current min-distance (<= u)
+  std::vector<double> wt;      // sample weight (1 without weights)
+
+  size_t size() const { return idx.size(); }
+  void clear() { rows.clear(); idx.clear(); u.clear(); mind.clear(); wt.clear(); }
+  void push(const float* row, index_t d, index_t i, double ui, double mi, double wi) {
+    rows.insert(rows.end(), row, row + d);
+    idx.push_back(i);
+    u.push_back(ui);
+    mind.push_back(mi);
+    wt.push_back(wi);
+  }
+  void append(const Members& o) {
+    rows.insert(rows.end(), o.rows.begin(), o.rows.end());
+    idx.insert(idx.end(), o.idx.begin(), o.idx.end());
+    u.insert(u.end(), o.u.begin(), o.u.end());
+    mind.insert(mind.end(), o.mind.begin(), o.mind.end());
+    wt.insert(wt.end(), o.wt.begin(), o.wt.end());
+  }
+};
+
 struct Group {
-  index_t centre = -1;              // selection step of the owning centre
-  std::vector<index_t> members;     // eligible points owned by this centre
-  double bound = -1.;               // max over members of u_p + mind_p
-  double best_prio = -1.;           // max over members of w_p * mind_p
-  index_t best_idx = -1;            // its lowest index
+  index_t step = -1;          // selection step of the owning centre
+  Members mem;
+  double bound = -1.;         // max over members of u + mind
+  double best_prio = -1.;     // max over members of wt * mind
+  index_t best_idx = -1;      // its lowest point index
 };
-
-struct State {
-  const float* x;
-  index_t n, d;
-  const float* w;
-  std::vector<double> mind, u, prio;
-  double rel_err;                    // relative error bound of float32 squared distances
-};
-
-// Lower bound of the true distance from a float32 squared distance `f`.
-inline double lower_dist(float f, double rel_err) {
-  if (!(f < std::numeric_limits<float>::infinity())) return 0.;  // overflowed: no information
-  double lo = double(f) * (1. - rel_err) - 1e-36;                 // 1e-36 covers subnormal rounding
-  return lo > 0. ? std::sqrt(lo) * (1. - 1e-12) : 0.;
-}
 
 inline bool better(double p, index_t i, double bp, index_t bi) {
   return p > bp || (p == bp && i < bi);
 }
 
-void refresh_stats(const State& st, Group& g) {
+void refresh_stats(Group& g) {
   double bound = -1., bp = -1.;
   index_t bi = -1;
-  for (index_t p : g.members) {
-    bound = std::max(bound, st.u[p] + st.mind[p]);
-    if (better(st.prio[p], p, bp, bi)) { bp = st.prio[p]; bi = p; }
+  const Members& M = g.mem;
+  for (size_t q = 0; q < M.size(); ++q) {
+    bound = std::max(bound, M.u[q] + M.mind[q]);
+    double pr = M.wt[q] * M.mind[q];
+    if (better(pr, M.idx[q], bp, bi)) { bp = pr; bi = M.idx[q]; }
   }
   g.bound = bound;
   g.best_prio = bp;
   g.best_idx = bi;
 }
 
-// Scans the members of group `g` against the new centre `xc` (step `s`), given
-// a lower bound `dlo` of ||xc - centre(g)||. Members that get strictly closer
-// to `xc` than to their owner are appended to `moved` and removed from `g`.
+// Safety factor on top of the float32 error bound: covers the float64
+// rounding of the exact distances and of the bounds themselves.
+constexpr double kMargin = 1e-9;
+
+// Lower bound of a true distance from its float32 squared distance `f`.
+inline double lower_dist(float f, double rel_err) {
+  if (!(f <= std::numeric_limits<float>::max())) return 0.;  // overflowed: no information
+  double lo = double(f) * (1. - rel_err) - 1e-36;            // 1e-36 covers subnormal rounding
+  return lo > 0. ? std::sqrt(lo) * (1. - kMargin) : 0.;
+}
+
+// True when the float32 squared distance `f` proves the exact distance >= `u`.
+inline bool proves_at_least(float f, double u, double rel_err) {
+  if (!(f <= std::numeric_limits<float>::max())) return false;
+  return double(f) * (1. - rel_err) - 1e-36 >= u * u * (1. + kMargin);
+}
+
+struct Scratch {
+  Members moved;
+  std::vector<index_t> cand;
+  std::vector<char> gone;
+};
+
+// Scans group `g` against the new centre `xc`, given a lower bound `dlo` of
+// ||xc - centre(g)||. Members strictly closer to `xc` than to their owner move
+// to `sc.moved`; every member's min-distance is lowered where `xc` is closer.
 template <Isa I>
-void scan_group(State& st, Group& g, const float* xc, double dlo, index_t s,
-                std::vector<index_t>& moved, std::vector<index_t>& cand) {
-  const index_t d = st.d;
-  cand.clear();
-  for (size_t q = 0; q < g.members.size(); ++q) {
-    index_t p = g.members[q];
-    if (dlo < st.u[p] + st.mind[p]) cand.push_back(index_t(q));
-  }
-  if (cand.empty()) return;
-  // Pad to a multiple of 4 with repeats of the last candidate (results ignored).
-  size_t nc = cand.size();
+void scan_group(Group& g, const float* xc, index_t d, double dlo, double rel_err, Scratch& sc) {
+  Members& M = g.mem;
+  const size_t cnt = M.size();
+  sc.cand.clear();
+  for (size_t q = 0; q < cnt; ++q)
+    if (dlo < M.u[q] + M.mind[q]) sc.cand.push_back(index_t(q));
+  if (sc.cand.empty()) return;
+  const size_t nc = sc.cand.size();
   const float* rows[4];
   float f[4];
-  bool any_moved = false;
+  size_t n_moved = 0;
+  sc.gone.assign(cnt, 0);
   for (size_t b = 0; b < nc; b += 4) {
-    for (int q = 0; q < 4; ++q) rows[q] = st.x + g.members[cand[std::min(b + q, nc - 1)]] * d;
+    // Short batches repeat the last candidate; the extra results are ignored.
+    for (int q = 0; q < 4; ++q) rows[q] = M.rows.data() + sc.cand[std::min(b + q, nc - 1)] * d;
     filter4<I>(xc, rows, d, f);
     for (int q = 0; q < 4 && b + q < nc; ++q) {
-      index_t slot = cand[b + q], p = g.members[slot];
-      double up = st.u[p];
-      if (lower_dist(f[q], st.rel_err) >= up) continue;
-      double e = std::sqrt(exact_sqdist<I>(st.x + p * d, xc, d));
-      if (e < st.mind[p]) {
-        st.mind[p] = e;
-        st.prio[p] = (st.w ? double(st.w[p]) : 1.) * e;
-      }
+      const index_t slot = sc.cand[b + q];
+      const double up = M.u[slot];
+      if (proves_at_least(f[q], up, rel_err)) continue;
+      const float* row = M.rows.data() + slot * d;
+      const double e = std::sqrt(exact_sqdist<I>(row, xc, d));
+      if (e < M.mind[slot]) M.mind[slot] = e;
       if (e < up) {
-        st.u[p] = e;
-        moved.push_back(p);
-        g.members[slot] = -1;  // removed below
-        any_moved = true;
+        sc.moved.push(row, d, M.idx[slot], e, M.mind[slot], M.wt[slot]);
+        sc.gone[slot] = 1;
+        ++n_moved;
       }
     }
   }
-  if (any_moved)
-    g.members.erase(std::remove(g.members.begin(), g.members.end(), index_t(-1)), g.members.end());
-  refresh_stats(st, g);
-  (void)s;
+  if (n_moved) {  // compact the members that stay
+    size_t k = 0;
+    for (size_t q = 0; q < cnt; ++q) {
+      if (sc.gone[q]) continue;
+      if (k != q) {
+        std::memcpy(M.rows.data() + k * d, M.rows.data() + q * d, sizeof(float) * d);
+        M.idx[k] = M.idx[q];
+        M.u[k] = M.u[q];
+        M.mind[k] = M.mind[q];
+        M.wt[k] = M.wt[q];
+      }
+      ++k;
+    }
+    M.rows.resize(k * d);
+    M.idx.resize(k);
+    M.u.resize(k);
+    M.mind.resize(k);
+    M.wt.resize(k);
+  }
+  refresh_stats(g);
 }
 
 template <Isa I>
 void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
-            const float* w, std::vector<double>& init_mind, index_t* out) {
-  State st{x, n, d, w, std::move(init_mind), std::vector<double>(n), std::vector<double>(n), 0.};
+            const float* w, const std::vector<double>& init_mind, index_t* out) {
   // float32 sum of d squared rounded differences, any order, with or without
   // FMA: relative error <= (d + 2) * 2^-24; doubled for margin.
-  st.rel_err = double(d + 8) * std::ldexp(1.0, -23);
+  const double rel_err = double(d + 8) * std::ldexp(1.0, -23);
 
   std::vector<float> centres(size_t(m) * d);
-  std::vector<Group> groups;
-  groups.reserve(m);
-  std::vector<index_t> live;  // groups with members
+  std::vector<Group> groups(m);
+  std::vector<index_t> live;  // steps whose group has members
   std::vector<double> dlo;
   std::vector<index_t> active;
 #ifdef _OPENMP
@@ -343,30 +390,37 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
 #else
   const int max_threads = 1;
 #endif
-  std::vector<std::vector<index_t>> moved_tl(max_threads), cand_tl(max_threads);
+  std::vector<Scratch> scratch(max_threads);
 
   index_t c = first;
   for (index_t s = 0; s < m; ++s) {
     out[s] = c;
     float* xc = centres.data() + s * d;
     std::memcpy(xc, x + c * d, sizeof(float) * d);
-    groups.emplace_back();
-    Group& ng = groups.back();
-    ng.centre = s;
+    Group& ng = groups[s];
+    ng.step = s;
     if (s == 0) {
       // Every eligible point is owned by the first centre.
+      std::vector<index_t> elig;
       for (index_t p = 0; p < n; ++p)
-        if (!w || w[p] > 0.f) ng.members.push_back(p);
-      const index_t cnt = index_t(ng.members.size());
+        if (!w || w[p] > 0.f) elig.push_back(p);
+      const index_t cnt = index_t(elig.size());
+      Members& M = ng.mem;
+      M.rows.resize(size_t(cnt) * d);
+      M.idx = elig;
+      M.u.resize(cnt);
+      M.mind.resize(cnt);
+      M.wt.resize(cnt);
 #pragma omp parallel for schedule(static) if (cnt * d > (1 << 16))
       for (index_t q = 0; q < cnt; ++q) {
-        index_t p = ng.members[q];
-        double e = std::sqrt(exact_sqdist<I>(x + p * d, xc, d));
-        st.u[p] = e;
-        if (e < st.mind[p]) st.mind[p] = e;
-        st.prio[p] = (w ? double(w[p]) : 1.) * st.mind[p];
+        const index_t p = elig[q];
+        std::memcpy(M.rows.data() + q * d, x + p * d, sizeof(float) * d);
+        const double e = std::sqrt(exact_sqdist<I>(x + p * d, xc, d));
+        M.u[q] = e;
+        M.mind[q] = std::min(init_mind[p], e);
+        M.wt[q] = w ? double(w[p]) : 1.;
       }
-      refresh_stats(st, ng);
+      refresh_stats(ng);
       live.push_back(0);
     } else {
       // Lower bounds of the distances from the new centre to every live centre.
@@ -376,10 +430,9 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
       for (index_t b = 0; b < nl; b += 4) {
         const float* rows[4];
         float f[4];
-        for (int q = 0; q < 4; ++q)
-          rows[q] = centres.data() + groups[live[std::min(b + q, nl - 1)]].centre * d;
+        for (int q = 0; q < 4; ++q) rows[q] = centres.data() + live[std::min(b + q, nl - 1)] * d;
         filter4<I>(xc, rows, d, f);
-        for (int q = 0; q < 4 && b + q < nl; ++q) dlo[b + q] = lower_dist(f[q], st.rel_err);
+        for (int q = 0; q < 4 && b + q < nl; ++q) dlo[b + q] = lower_dist(f[q], rel_err);
       }
       active.clear();
       index_t work = 0;
@@ -387,32 +440,35 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
         const Group& g = groups[live[q]];
         if (dlo[q] < g.bound) {
           active.push_back(q);
-          work += index_t(g.members.size());
+          work += index_t(g.mem.size());
         }
       }
       const index_t na = index_t(active.size());
-      for (auto& v : moved_tl) v.clear();
+      for (auto& sc : scratch) sc.moved.clear();
 #pragma omp parallel if (work * d > (1 << 17) && na > 1)
       {
 #ifdef _OPENMP
-        const int tid = omp_get_thread_num();
+        Scratch& sc = scratch[omp_get_thread_num()];
 #else
-        const int tid = 0;
+        Scratch& sc = scratch[0];
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (index_t a = 0; a < na; ++a) {
-          index_t q = active[a];
-          scan_group<I>(st, groups[live[q]], xc, dlo[q], s, moved_tl[tid], cand_tl[tid]);
+          const index_t q = active[a];
+          scan_group<I>(groups[live[q]], xc, d, dlo[q], rel_err, sc);
         }
       }
-      for (auto& v : moved_tl) ng.members.insert(ng.members.end(), v.begin(), v.end());
-      refresh_stats(st, ng);
-      // Drop groups that lost all their members.
+      for (auto& sc : scratch) ng.mem.append(sc.moved);
+      refresh_stats(ng);
+      // Drop groups that lost all their members (and free their storage).
       index_t kept = 0;
-      for (index_t q = 0; q < nl; ++q)
-        if (!groups[live[q]].members.empty()) live[kept++] = live[q];
+      for (index_t q = 0; q < nl; ++q) {
+        Group& g = groups[live[q]];
+        if (g.mem.size()) live[kept++] = live[q];
+        else g.mem = Members();
+      }
       live.resize(kept);
-      if (!ng.members.empty()) live.push_back(s);
+      if (ng.mem.size()) live.push_back(s);
     }
     if (s + 1 == m) break;
     // Next centre: the largest priority, lowest index among ties.
@@ -471,7 +527,7 @@ void kcenter_greedy_cpu(const float* x, index_t n, index_t d, index_t m,
                         index_t start, const float* w, index_t* out) {
   SP_CHECK_ARG(n >= 1 && d >= 1 && m >= 1, "kcenter_greedy: need n, d, m >= 1");
   SP_CHECK_ARG(start >= 0 && start < n, "kcenter_greedy: start must be in [0, n)");
-  std::vector<double> mind(n, std::numeric_limits<double>::infinity());
+  const std::vector<double> mind(n, std::numeric_limits<double>::infinity());
   switch (select_isa()) {
     case Isa::Avx512: greedy<Isa::Avx512>(x, n, d, m, start, w, mind, out); break;
     case Isa::Avx2: greedy<Isa::Avx2>(x, n, d, m, start, w, mind, out); break;

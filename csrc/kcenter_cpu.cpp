@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // GCC 12 reports false "uninitialized" warnings inside its AVX-512 headers.
@@ -48,8 +49,8 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#define SP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-#define SP_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define SP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define SP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace sp {
 namespace {
@@ -62,9 +63,10 @@ Isa best_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
       return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return Isa::Avx2;
     return Isa::Scalar;
   }();
   return best;
@@ -240,24 +242,109 @@ inline void filter4(const float* c, const float* const p[4], index_t d, float ou
   else filter4_scalar(c, p, d, out);
 }
 
+// Same filters on half-precision rows (F16C / AVX-512 conversions): half the
+// bytes streamed per scanned point. The centre `c` stays float32.
+SP_TARGET_AVX2 void filter4h_avx2(const float* c, const uint16_t* const p[4],
+                                                                   index_t d, float out[4]) {
+  __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  index_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    __m256 vc = _mm256_loadu_ps(c + t);
+    for (int q = 0; q < 4; ++q) {
+      __m256 u = _mm256_sub_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[q] + t))), vc);
+      s[q] = _mm256_fmadd_ps(u, u, s[q]);
+    }
+  }
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  for (; t < d; ++t)
+    for (int q = 0; q < 4; ++q) {
+      float u = _cvtsh_ss(p[q][t]) - c[t];
+      out[q] += u * u;
+    }
+}
+
+SP_TARGET_AVX512 inline __m512 load_half16(const uint16_t* a) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+}
+SP_TARGET_AVX512 inline __m512 load_half16(const uint16_t* a, __mmask16 k) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, a));
+}
+
+SP_TARGET_AVX512 void filter4h_avx512(const float* c, const uint16_t* const p[4], index_t d, float out[4]) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  index_t t = 0;
+  for (; t + 16 <= d; t += 16) {
+    __m512 vc = _mm512_loadu_ps(c + t);
+    __m512 u0 = _mm512_sub_ps(load_half16(p[0] + t), vc), u1 = _mm512_sub_ps(load_half16(p[1] + t), vc);
+    __m512 u2 = _mm512_sub_ps(load_half16(p[2] + t), vc), u3 = _mm512_sub_ps(load_half16(p[3] + t), vc);
+    s0 = _mm512_fmadd_ps(u0, u0, s0);
+    s1 = _mm512_fmadd_ps(u1, u1, s1);
+    s2 = _mm512_fmadd_ps(u2, u2, s2);
+    s3 = _mm512_fmadd_ps(u3, u3, s3);
+  }
+  if (t < d) {
+    __mmask16 k = __mmask16((1u << (d - t)) - 1u);
+    __m512 vc = _mm512_maskz_loadu_ps(k, c + t);
+    __m512 u0 = _mm512_sub_ps(load_half16(p[0] + t, k), vc), u1 = _mm512_sub_ps(load_half16(p[1] + t, k), vc);
+    __m512 u2 = _mm512_sub_ps(load_half16(p[2] + t, k), vc), u3 = _mm512_sub_ps(load_half16(p[3] + t, k), vc);
+    s0 = _mm512_fmadd_ps(u0, u0, s0);
+    s1 = _mm512_fmadd_ps(u1, u1, s1);
+    s2 = _mm512_fmadd_ps(u2, u2, s2);
+    s3 = _mm512_fmadd_ps(u3, u3, s3);
+  }
+  out[0] = _mm512_reduce_add_ps(s0);
+  out[1] = _mm512_reduce_add_ps(s1);
+  out[2] = _mm512_reduce_add_ps(s2);
+  out[3] = _mm512_reduce_add_ps(s3);
+}
+
+// Half rows of `src * scale`; returns ||src - half/scale|| rounded up (the
+// exact-arithmetic error of the stored row, in the original units).
+SP_TARGET_AVX2 double to_half_row(const float* src, double scale,
+                                                                  uint16_t* dst, index_t d) {
+  double e2 = 0.;
+  for (index_t t = 0; t < d; ++t) {
+    const double v = double(src[t]) * scale;  // exact: scale is a power of two
+    dst[t] = _cvtss_sh(float(v), _MM_FROUND_TO_NEAREST_INT);
+    const double r = v - double(_cvtsh_ss(dst[t]));
+    e2 += r * r;
+  }
+  return e2 > 0. ? std::sqrt(e2) / scale * (1. + 1e-6) : 0.;
+}
+
 // ------------------------------------------------------------------ greedy loop
+// Scalar code scans float32 rows; AVX2 / AVX-512 scan half rows.
+template <Isa I>
+using RowT = std::conditional_t<I == Isa::Scalar, float, uint16_t>;
+
+template <Isa I>
+inline void filter_rows(const float* c, const RowT<I>* const p[4], index_t d, float out[4]) {
+  if constexpr (I == Isa::Avx512) filter4h_avx512(c, p, d, out);
+  else if constexpr (I == Isa::Avx2) filter4h_avx2(c, p, d, out);
+  else filter4_scalar(c, p, d, out);
+}
+
 // A group: the eligible points owned by one centre, stored contiguously (rows
 // and per-point state) so that scanning a group streams memory.
+template <class T>
 struct Members {
-  std::vector<float> rows;     // size() * d
+  std::vector<T> rows;         // size() * d, scaled copies of the points
   std::vector<index_t> idx;    // original point index
   std::vector<double> u;       // exact distance to the owner centre
   std::vector<double> mind;    // current min-distance (<= u)
   std::vector<double> wt;      // sample weight (1 without weights)
+  std::vector<double> err;     // ||point - row / scale|| (0 for float32 rows)
 
   size_t size() const { return idx.size(); }
-  void clear() { rows.clear(); idx.clear(); u.clear(); mind.clear(); wt.clear(); }
-  void push(const float* row, index_t d, index_t i, double ui, double mi, double wi) {
-    rows.insert(rows.end(), row, row + d);
-    idx.push_back(i);
-    u.push_back(ui);
-    mind.push_back(mi);
-    wt.push_back(wi);
+  void clear() { rows.clear(); idx.clear(); u.clear(); mind.clear(); wt.clear(); err.clear(); }
+  void push_from(const Members& o, size_t q, index_t d, double new_u) {
+    rows.insert(rows.end(), o.rows.begin() + q * d, o.rows.begin() + (q + 1) * d);
+    idx.push_back(o.idx[q]);
+    u.push_back(new_u);
+    mind.push_back(o.mind[q]);
+    wt.push_back(o.wt[q]);
+    err.push_back(o.err[q]);
   }
   void append(const Members& o) {
     rows.insert(rows.end(), o.rows.begin(), o.rows.end());
@@ -265,12 +352,35 @@ struct Members {
     u.insert(u.end(), o.u.begin(), o.u.end());
     mind.insert(mind.end(), o.mind.begin(), o.mind.end());
     wt.insert(wt.end(), o.wt.begin(), o.wt.end());
+    err.insert(err.end(), o.err.begin(), o.err.end());
+  }
+  // Keeps the members whose `gone` flag is 0, in order.
+  void compact(const std::vector<char>& gone, index_t d) {
+    size_t k = 0;
+    for (size_t q = 0; q < size(); ++q) {
+      if (gone[q]) continue;
+      if (k != q) {
+        std::copy(rows.begin() + q * d, rows.begin() + (q + 1) * d, rows.begin() + k * d);
+        idx[k] = idx[q];
+        u[k] = u[q];
+        mind[k] = mind[q];
+        wt[k] = wt[q];
+        err[k] = err[q];
+      }
+      ++k;
+    }
+    rows.resize(k * d);
+    idx.resize(k);
+    u.resize(k);
+    mind.resize(k);
+    wt.resize(k);
+    err.resize(k);
   }
 };
 
+template <class T>
 struct Group {
-  index_t step = -1;          // selection step of the owning centre
-  Members mem;
+  Members<T> mem;
   double bound = -1.;         // max over members of u + mind
   double best_prio = -1.;     // max over members of wt * mind
   index_t best_idx = -1;      // its lowest point index
@@ -280,13 +390,14 @@ inline bool better(double p, index_t i, double bp, index_t bi) {
   return p > bp || (p == bp && i < bi);
 }
 
-void refresh_stats(Group& g) {
+template <class T>
+void refresh_stats(Group<T>& g) {
   double bound = -1., bp = -1.;
   index_t bi = -1;
-  const Members& M = g.mem;
+  const Members<T>& M = g.mem;
   for (size_t q = 0; q < M.size(); ++q) {
     bound = std::max(bound, M.u[q] + M.mind[q]);
-    double pr = M.wt[q] * M.mind[q];
+    const double pr = M.wt[q] * M.mind[q];
     if (better(pr, M.idx[q], bp, bi)) { bp = pr; bi = M.idx[q]; }
   }
   g.bound = bound;
@@ -305,83 +416,89 @@ inline double lower_dist(float f, double rel_err) {
   return lo > 0. ? std::sqrt(lo) * (1. - kMargin) : 0.;
 }
 
-// True when the float32 squared distance `f` proves the exact distance >= `u`.
-inline bool proves_at_least(float f, double u, double rel_err) {
+// True when the float32 squared distance `f` proves the true distance >= `t`.
+inline bool proves_at_least(float f, double t, double rel_err) {
   if (!(f <= std::numeric_limits<float>::max())) return false;
-  return double(f) * (1. - rel_err) - 1e-36 >= u * u * (1. + kMargin);
+  return double(f) * (1. - rel_err) - 1e-36 >= t * t * (1. + kMargin);
 }
 
+template <class T>
 struct Scratch {
-  Members moved;
+  Members<T> moved;
   std::vector<index_t> cand;
   std::vector<char> gone;
 };
 
-// Scans group `g` against the new centre `xc`, given a lower bound `dlo` of
-// ||xc - centre(g)||. Members strictly closer to `xc` than to their owner move
-// to `sc.moved`; every member's min-distance is lowered where `xc` is closer.
+struct Centre {
+  const float* x;      // original float32 row
+  const float* xs;     // row * scale, float32
+  double err;          // ||x - xs / scale||
+};
+
+// Scans group `g` against the new centre, given a lower bound `dlo` of
+// ||centre - owner(g)||. Members strictly closer to the new centre than to
+// their owner move to `sc.moved`; min-distances drop where it is closer.
 template <Isa I>
-void scan_group(Group& g, const float* xc, index_t d, double dlo, double rel_err, Scratch& sc) {
-  Members& M = g.mem;
+void scan_group(Group<RowT<I>>& g, const float* x, const Centre& c, index_t d, double dlo,
+                double scale, double rel_err, Scratch<RowT<I>>& sc) {
+  auto& M = g.mem;
   const size_t cnt = M.size();
   sc.cand.clear();
   for (size_t q = 0; q < cnt; ++q)
     if (dlo < M.u[q] + M.mind[q]) sc.cand.push_back(index_t(q));
   if (sc.cand.empty()) return;
   const size_t nc = sc.cand.size();
-  const float* rows[4];
+  const RowT<I>* rows[4];
   float f[4];
   size_t n_moved = 0;
   sc.gone.assign(cnt, 0);
   for (size_t b = 0; b < nc; b += 4) {
     // Short batches repeat the last candidate; the extra results are ignored.
     for (int q = 0; q < 4; ++q) rows[q] = M.rows.data() + sc.cand[std::min(b + q, nc - 1)] * d;
-    filter4<I>(xc, rows, d, f);
+    filter_rows<I>(c.xs, rows, d, f);
     for (int q = 0; q < 4 && b + q < nc; ++q) {
       const index_t slot = sc.cand[b + q];
       const double up = M.u[slot];
-      if (proves_at_least(f[q], up, rel_err)) continue;
-      const float* row = M.rows.data() + slot * d;
-      const double e = std::sqrt(exact_sqdist<I>(row, xc, d));
+      // ||p - c|| >= ||row/scale - xs/scale|| - err_p - err_c.
+      if (proves_at_least(f[q], (up + M.err[slot] + c.err) * scale, rel_err)) continue;
+      const double e = std::sqrt(exact_sqdist<I>(x + M.idx[slot] * d, c.x, d));
       if (e < M.mind[slot]) M.mind[slot] = e;
       if (e < up) {
-        sc.moved.push(row, d, M.idx[slot], e, M.mind[slot], M.wt[slot]);
+        sc.moved.push_from(M, slot, d, e);
         sc.gone[slot] = 1;
         ++n_moved;
       }
     }
   }
-  if (n_moved) {  // compact the members that stay
-    size_t k = 0;
-    for (size_t q = 0; q < cnt; ++q) {
-      if (sc.gone[q]) continue;
-      if (k != q) {
-        std::memcpy(M.rows.data() + k * d, M.rows.data() + q * d, sizeof(float) * d);
-        M.idx[k] = M.idx[q];
-        M.u[k] = M.u[q];
-        M.mind[k] = M.mind[q];
-        M.wt[k] = M.wt[q];
-      }
-      ++k;
-    }
-    M.rows.resize(k * d);
-    M.idx.resize(k);
-    M.u.resize(k);
-    M.mind.resize(k);
-    M.wt.resize(k);
-  }
+  if (n_moved) M.compact(sc.gone, d);
   refresh_stats(g);
 }
 
 template <Isa I>
 void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
             const float* w, const std::vector<double>& init_mind, index_t* out) {
+  using T = RowT<I>;
   // float32 sum of d squared rounded differences, any order, with or without
   // FMA: relative error <= (d + 2) * 2^-24; doubled for margin.
   const double rel_err = double(d + 8) * std::ldexp(1.0, -23);
 
-  std::vector<float> centres(size_t(m) * d);
-  std::vector<Group> groups(m);
+  std::vector<index_t> elig;
+  for (index_t p = 0; p < n; ++p)
+    if (!w || w[p] > 0.f) elig.push_back(p);
+  const index_t cnt = index_t(elig.size());
+  // Half rows hold x * scale, a power of two keeping |x * scale| <= 2^15.
+  double scale = 1.;
+  if constexpr (!std::is_same_v<T, float>) {
+    float amax = 0.f;
+    for (index_t p : elig)
+      for (index_t t = 0; t < d; ++t) amax = std::max(amax, std::fabs(x[p * d + t]));
+    if (amax > 0.f) scale = std::ldexp(1.0, int(std::floor(std::log2(32768.0 / double(amax)))));
+    while (double(amax) * scale > 32768.) scale *= 0.5;
+  }
+
+  std::vector<float> centres(size_t(m) * d);  // scaled float32 centre rows
+  std::vector<double> centre_err(m, 0.);
+  std::vector<Group<T>> groups(m);
   std::vector<index_t> live;  // steps whose group has members
   std::vector<double> dlo;
   std::vector<index_t> active;
@@ -390,32 +507,38 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
 #else
   const int max_threads = 1;
 #endif
-  std::vector<Scratch> scratch(max_threads);
+  std::vector<Scratch<T>> scratch(max_threads);
 
   index_t c = first;
   for (index_t s = 0; s < m; ++s) {
     out[s] = c;
-    float* xc = centres.data() + s * d;
-    std::memcpy(xc, x + c * d, sizeof(float) * d);
-    Group& ng = groups[s];
-    ng.step = s;
+    float* xs = centres.data() + s * d;
+    double ce2 = 0.;
+    for (index_t t = 0; t < d; ++t) {
+      const double v = double(x[c * d + t]) * scale;
+      xs[t] = float(v);  // inexact only below float32's normal range
+      ce2 += (v - double(xs[t])) * (v - double(xs[t]));
+    }
+    centre_err[s] = ce2 > 0. ? std::sqrt(ce2) / scale * (1. + 1e-6) : 0.;
+    const Centre cen{x + c * d, xs, centre_err[s]};
+    Group<T>& ng = groups[s];
     if (s == 0) {
       // Every eligible point is owned by the first centre.
-      std::vector<index_t> elig;
-      for (index_t p = 0; p < n; ++p)
-        if (!w || w[p] > 0.f) elig.push_back(p);
-      const index_t cnt = index_t(elig.size());
-      Members& M = ng.mem;
+      auto& M = ng.mem;
       M.rows.resize(size_t(cnt) * d);
       M.idx = elig;
       M.u.resize(cnt);
       M.mind.resize(cnt);
       M.wt.resize(cnt);
+      M.err.assign(cnt, 0.);
 #pragma omp parallel for schedule(static) if (cnt * d > (1 << 16))
       for (index_t q = 0; q < cnt; ++q) {
         const index_t p = elig[q];
-        std::memcpy(M.rows.data() + q * d, x + p * d, sizeof(float) * d);
-        const double e = std::sqrt(exact_sqdist<I>(x + p * d, xc, d));
+        if constexpr (std::is_same_v<T, float>)
+          std::memcpy(M.rows.data() + q * d, x + p * d, sizeof(float) * d);
+        else
+          M.err[q] = to_half_row(x + p * d, scale, M.rows.data() + q * d, d);
+        const double e = std::sqrt(exact_sqdist<I>(x + p * d, cen.x, d));
         M.u[q] = e;
         M.mind[q] = std::min(init_mind[p], e);
         M.wt[q] = w ? double(w[p]) : 1.;
@@ -431,13 +554,14 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
         const float* rows[4];
         float f[4];
         for (int q = 0; q < 4; ++q) rows[q] = centres.data() + live[std::min(b + q, nl - 1)] * d;
-        filter4<I>(xc, rows, d, f);
-        for (int q = 0; q < 4 && b + q < nl; ++q) dlo[b + q] = lower_dist(f[q], rel_err);
+        filter4<I>(xs, rows, d, f);
+        for (int q = 0; q < 4 && b + q < nl; ++q)
+          dlo[b + q] = std::max(0., lower_dist(f[q], rel_err) / scale - cen.err - centre_err[live[b + q]]);
       }
       active.clear();
       index_t work = 0;
       for (index_t q = 0; q < nl; ++q) {
-        const Group& g = groups[live[q]];
+        const Group<T>& g = groups[live[q]];
         if (dlo[q] < g.bound) {
           active.push_back(q);
           work += index_t(g.mem.size());
@@ -448,14 +572,14 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
 #pragma omp parallel if (work * d > (1 << 17) && na > 1)
       {
 #ifdef _OPENMP
-        Scratch& sc = scratch[omp_get_thread_num()];
+        Scratch<T>& sc = scratch[omp_get_thread_num()];
 #else
-        Scratch& sc = scratch[0];
+        Scratch<T>& sc = scratch[0];
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (index_t a = 0; a < na; ++a) {
           const index_t q = active[a];
-          scan_group<I>(groups[live[q]], xc, d, dlo[q], rel_err, sc);
+          scan_group<I>(groups[live[q]], x, cen, d, dlo[q], scale, rel_err, sc);
         }
       }
       for (auto& sc : scratch) ng.mem.append(sc.moved);
@@ -463,9 +587,9 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
       // Drop groups that lost all their members (and free their storage).
       index_t kept = 0;
       for (index_t q = 0; q < nl; ++q) {
-        Group& g = groups[live[q]];
+        Group<T>& g = groups[live[q]];
         if (g.mem.size()) live[kept++] = live[q];
-        else g.mem = Members();
+        else g.mem = Members<T>();
       }
       live.resize(kept);
       if (ng.mem.size()) live.push_back(s);
@@ -475,7 +599,7 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
     double bp = -1.;
     index_t bi = -1;
     for (index_t q : live) {
-      const Group& g = groups[q];
+      const Group<T>& g = groups[q];
       if (better(g.best_prio, g.best_idx, bp, bi)) { bp = g.best_prio; bi = g.best_idx; }
     }
     c = bi;

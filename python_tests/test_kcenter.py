@@ -103,12 +103,12 @@ def test_approx_matches_reference(isa):
 
 
 def test_isa_paths_agree():
-    x = H.gaussian_features(3000, 130, seed=6)
+    x = H.gaussian_features(1500, 130, seed=6)
     outs = []
     with pytest.MonkeyPatch.context() as mp:
         for name in ISAS:
             mp.setenv("SOFTPATCH_CPU_ISA", name)
-            outs.append(ops.kcenter_greedy(x, 300, start=1))
+            outs.append(ops.kcenter_greedy(x, 150, start=1))
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
 
@@ -127,12 +127,27 @@ def test_non_contiguous_float16_and_torch_inputs():
                                   R.kcenter_greedy(h.astype(np.float32), 30, start=2))
 
 
+def test_near_ties_below_half_precision(isa):
+    # Points differing by far less than a float16 (and float32) ulp of their coordinates:
+    # the filters cannot tell them apart, the exact float64 distances decide.
+    rng = np.random.default_rng(10)
+    base = (rng.standard_normal((40, 24)) * 100).astype(np.float32)
+    x = np.repeat(base, 8, axis=0)
+    x += (rng.integers(-3, 4, x.shape) * np.spacing(np.abs(x))).astype(np.float32)
+    np.testing.assert_array_equal(ops.kcenter_greedy(x, 200, start=3), R.kcenter_greedy(x, 200, start=3))
+    np.testing.assert_array_equal(ops.kcenter_greedy_approx(x, 200, seed=1),
+                                  R.kcenter_greedy_approx(x, 200, _anchors(len(x), 10, 1)))
+
+
 def test_extreme_magnitudes(isa):
     rng = np.random.default_rng(8)
     # float32 squares overflow / underflow here; the pruning must stay conservative.
-    for scale in (1e19, 1e-19):
+    for scale in (1e19, 1e-19, 1e36, 1e-40):
         x = (rng.standard_normal((200, 9)) * scale).astype(np.float32)
         np.testing.assert_array_equal(ops.kcenter_greedy(x, 40), R.kcenter_greedy(x, 40))
+    mixed = rng.standard_normal((200, 9)).astype(np.float32)
+    mixed[::3] *= np.float32(1e25)  # most rows vanish in the scaled half-precision copies
+    np.testing.assert_array_equal(ops.kcenter_greedy(mixed, 120), R.kcenter_greedy(mixed, 120))
 
 
 def test_bad_inputs(monkeypatch):

@@ -313,6 +313,57 @@ SP_TARGET_AVX2 double to_half_row(const float* src, double scale,
   return e2 > 0. ? std::sqrt(e2) / scale * (1. + 1e-6) : 0.;
 }
 
+// ------------------------------------------------------------------ pivot bounds
+// Per live group g: max over the 16 pivots k of max(my_lo[k] - hi_g[k],
+// lo_g[k] - my_hi[k]), a lower bound of ||new centre - centre g||. Computed in
+// float32: a positive difference is rounded by at most 2^-24 relative, which
+// the caller's (1 - 1e-6) factor absorbs.
+void pivot_lb_scalar(const float* my_lo, const float* my_hi, const float* lo, const float* hi,
+                     const index_t* live, index_t nl, double* out) {
+  for (index_t q = 0; q < nl; ++q) {
+    const float* gl = lo + live[q] * 16;
+    const float* gh = hi + live[q] * 16;
+    float lb = 0.f;
+    for (int k = 0; k < 16; ++k) lb = std::max(lb, std::max(my_lo[k] - gh[k], gl[k] - my_hi[k]));
+    out[q] = double(lb) * (1. - 1e-6);
+  }
+}
+
+SP_TARGET_AVX2 void pivot_lb_avx2(const float* my_lo, const float* my_hi, const float* lo, const float* hi,
+                                  const index_t* live, index_t nl, double* out) {
+  const __m256 ml0 = _mm256_loadu_ps(my_lo), ml1 = _mm256_loadu_ps(my_lo + 8);
+  const __m256 mh0 = _mm256_loadu_ps(my_hi), mh1 = _mm256_loadu_ps(my_hi + 8);
+  for (index_t q = 0; q < nl; ++q) {
+    const float* gl = lo + live[q] * 16;
+    const float* gh = hi + live[q] * 16;
+    __m256 a = _mm256_max_ps(_mm256_sub_ps(ml0, _mm256_loadu_ps(gh)), _mm256_sub_ps(_mm256_loadu_ps(gl), mh0));
+    __m256 b = _mm256_max_ps(_mm256_sub_ps(ml1, _mm256_loadu_ps(gh + 8)), _mm256_sub_ps(_mm256_loadu_ps(gl + 8), mh1));
+    a = _mm256_max_ps(a, b);
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_max_ss(r, _mm_shuffle_ps(r, r, 1));
+    out[q] = double(std::max(0.f, _mm_cvtss_f32(r))) * (1. - 1e-6);
+  }
+}
+
+SP_TARGET_AVX512 void pivot_lb_avx512(const float* my_lo, const float* my_hi, const float* lo, const float* hi,
+                                      const index_t* live, index_t nl, double* out) {
+  const __m512 ml = _mm512_loadu_ps(my_lo), mh = _mm512_loadu_ps(my_hi);
+  for (index_t q = 0; q < nl; ++q) {
+    const __m512 v = _mm512_max_ps(_mm512_sub_ps(ml, _mm512_loadu_ps(hi + live[q] * 16)),
+                                   _mm512_sub_ps(_mm512_loadu_ps(lo + live[q] * 16), mh));
+    out[q] = double(std::max(0.f, _mm512_reduce_max_ps(v))) * (1. - 1e-6);
+  }
+}
+
+template <Isa I>
+inline void pivot_lb(const float* my_lo, const float* my_hi, const float* lo, const float* hi,
+                     const index_t* live, index_t nl, double* out) {
+  if constexpr (I == Isa::Avx512) pivot_lb_avx512(my_lo, my_hi, lo, hi, live, nl, out);
+  else if constexpr (I == Isa::Avx2) pivot_lb_avx2(my_lo, my_hi, lo, hi, live, nl, out);
+  else pivot_lb_scalar(my_lo, my_hi, lo, hi, live, nl, out);
+}
+
 // ------------------------------------------------------------------ greedy loop
 // Scalar code scans float32 rows; AVX2 / AVX-512 scan half rows.
 template <Isa I>
@@ -416,6 +467,22 @@ inline double lower_dist(float f, double rel_err) {
   return lo > 0. ? std::sqrt(lo) * (1. - kMargin) : 0.;
 }
 
+// Upper bound of a true distance from its float32 squared distance `f`.
+inline double upper_dist(float f, double rel_err) {
+  if (!(f <= std::numeric_limits<float>::max())) return std::numeric_limits<double>::infinity();
+  return std::sqrt(double(f) * (1. + rel_err) + 1e-36) * (1. + kMargin);
+}
+
+// float32 copies of bounds, rounded outwards.
+inline float round_down(double v) {
+  float f = float(v);
+  return double(f) > v ? std::nextafter(f, -std::numeric_limits<float>::infinity()) : f;
+}
+inline float round_up(double v) {
+  float f = float(v);
+  return double(f) < v ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
+}
+
 // True when the float32 squared distance `f` proves the true distance >= `t`.
 inline bool proves_at_least(float f, double t, double rel_err) {
   if (!(f <= std::numeric_limits<float>::max())) return false;
@@ -425,7 +492,7 @@ inline bool proves_at_least(float f, double t, double rel_err) {
 template <class T>
 struct Scratch {
   Members<T> moved;
-  std::vector<index_t> cand;
+  std::vector<index_t> cand, need;
   std::vector<char> gone;
 };
 
@@ -451,23 +518,30 @@ void scan_group(Group<RowT<I>>& g, const float* x, const Centre& c, index_t d, d
   const RowT<I>* rows[4];
   float f[4];
   size_t n_moved = 0;
-  sc.gone.assign(cnt, 0);
+  sc.need.clear();
   for (size_t b = 0; b < nc; b += 4) {
     // Short batches repeat the last candidate; the extra results are ignored.
     for (int q = 0; q < 4; ++q) rows[q] = M.rows.data() + sc.cand[std::min(b + q, nc - 1)] * d;
     filter_rows<I>(c.xs, rows, d, f);
     for (int q = 0; q < 4 && b + q < nc; ++q) {
       const index_t slot = sc.cand[b + q];
-      const double up = M.u[slot];
       // ||p - c|| >= ||row/scale - xs/scale|| - err_p - err_c.
-      if (proves_at_least(f[q], (up + M.err[slot] + c.err) * scale, rel_err)) continue;
-      const double e = std::sqrt(exact_sqdist<I>(x + M.idx[slot] * d, c.x, d));
-      if (e < M.mind[slot]) M.mind[slot] = e;
-      if (e < up) {
-        sc.moved.push_from(M, slot, d, e);
-        sc.gone[slot] = 1;
-        ++n_moved;
-      }
+      if (proves_at_least(f[q], (M.u[slot] + M.err[slot] + c.err) * scale, rel_err)) continue;
+      sc.need.push_back(slot);
+      // The exact pass reads the original (cold) rows: start fetching them now.
+      const char* row = reinterpret_cast<const char*>(x + M.idx[slot] * d);
+      for (index_t off = 0; off < index_t(sizeof(float)) * d; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+    }
+  }
+  for (index_t slot : sc.need) {
+    const double up = M.u[slot];
+    const double e = std::sqrt(exact_sqdist<I>(x + M.idx[slot] * d, c.x, d));
+    if (e < M.mind[slot]) M.mind[slot] = e;
+    if (e < up) {
+      if (!n_moved) sc.gone.assign(cnt, 0);
+      sc.moved.push_from(M, slot, d, e);
+      sc.gone[slot] = 1;
+      ++n_moved;
     }
   }
   if (n_moved) M.compact(sc.gone, d);
@@ -508,6 +582,14 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
   const int max_threads = 1;
 #endif
   std::vector<Scratch<T>> scratch(max_threads);
+  // The first kPivots centres are pivots: piv_lo/hi[g * kPivots + k] bound
+  // ||centre g - pivot k||, so |.| differences bound centre-centre distances
+  // without reading centre rows (most groups are skipped this way on
+  // clustered data).
+  constexpr index_t kPivots = 16;  // pivot_lb_* assume 16
+  const index_t n_piv = std::min(m, kPivots);
+  std::vector<float> piv_lo(size_t(m) * kPivots, 0.f), piv_hi(size_t(m) * kPivots, 0.f);
+  std::vector<double> pivot_lbs;
 
   index_t c = first;
   for (index_t s = 0; s < m; ++s) {
@@ -546,27 +628,61 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
       refresh_stats(ng);
       live.push_back(0);
     } else {
-      // Lower bounds of the distances from the new centre to every live centre.
-      const index_t nl = index_t(live.size());
-      dlo.resize(nl);
-#pragma omp parallel for schedule(static) if (nl * d > (1 << 18))
-      for (index_t b = 0; b < nl; b += 4) {
+      // Bounds of the distances from the new centre to every pivot.
+      const index_t have_piv = std::min(s, n_piv);
+      float* my_lo = piv_lo.data() + s * kPivots;
+      float* my_hi = piv_hi.data() + s * kPivots;
+      for (index_t k = 0; k < have_piv; k += 4) {
         const float* rows[4];
         float f[4];
-        for (int q = 0; q < 4; ++q) rows[q] = centres.data() + live[std::min(b + q, nl - 1)] * d;
+        for (int q = 0; q < 4; ++q) rows[q] = centres.data() + std::min(k + q, have_piv - 1) * d;
         filter4<I>(xs, rows, d, f);
-        for (int q = 0; q < 4 && b + q < nl; ++q)
-          dlo[b + q] = std::max(0., lower_dist(f[q], rel_err) / scale - cen.err - centre_err[live[b + q]]);
+        for (int q = 0; q < 4 && k + q < have_piv; ++q) {
+          const double errs = cen.err + centre_err[k + q];
+          my_lo[k + q] = round_down(std::max(0., lower_dist(f[q], rel_err) / scale - errs));
+          my_hi[k + q] = round_up(upper_dist(f[q], rel_err) / scale + errs);
+        }
       }
+      // Lower bounds of the distances from the new centre to every live centre:
+      // first from the pivots, then, where that cannot skip the group, from the rows.
+      const index_t nl = index_t(live.size());
+      dlo.resize(nl);
+      pivot_lbs.resize(nl);
+      // Pivots not chosen yet hold 0 on both sides and contribute nothing.
+      pivot_lb<I>(my_lo, my_hi, piv_lo.data(), piv_hi.data(), live.data(), nl, pivot_lbs.data());
+      const bool new_pivot = s < n_piv;
       active.clear();
+      for (index_t q = 0; q < nl; ++q)
+        if (new_pivot || pivot_lbs[q] < groups[live[q]].bound) active.push_back(q);
+      const index_t nr = index_t(active.size());
+#pragma omp parallel for schedule(static) if (nr * d > (1 << 18))
+      for (index_t b = 0; b < nr; b += 4) {
+        const float* rows[4];
+        float f[4];
+        for (int q = 0; q < 4; ++q) rows[q] = centres.data() + live[active[std::min(b + q, nr - 1)]] * d;
+        filter4<I>(xs, rows, d, f);
+        for (int q = 0; q < 4 && b + q < nr; ++q) {
+          const index_t slot = active[b + q], g = live[slot];
+          const double errs = cen.err + centre_err[g];
+          dlo[slot] = std::max(pivot_lbs[slot], lower_dist(f[q], rel_err) / scale - errs);
+          if (new_pivot) {  // centre s is pivot s: record every live centre's distance to it
+            piv_lo[g * kPivots + s] = round_down(std::max(0., lower_dist(f[q], rel_err) / scale - errs));
+            piv_hi[g * kPivots + s] = round_up(upper_dist(f[q], rel_err) / scale + errs);
+          }
+        }
+      }
+      if (new_pivot) my_lo[s] = my_hi[s] = 0.f;
       index_t work = 0;
-      for (index_t q = 0; q < nl; ++q) {
+      index_t kept_active = 0;
+      for (index_t a = 0; a < nr; ++a) {
+        const index_t q = active[a];
         const Group<T>& g = groups[live[q]];
         if (dlo[q] < g.bound) {
-          active.push_back(q);
+          active[kept_active++] = q;
           work += index_t(g.mem.size());
         }
       }
+      active.resize(kept_active);
       const index_t na = index_t(active.size());
       for (auto& sc : scratch) sc.moved.clear();
 #pragma omp parallel if (work * d > (1 << 17) && na > 1)
@@ -576,7 +692,8 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
 #else
         Scratch<T>& sc = scratch[0];
 #endif
-#pragma omp for schedule(dynamic, 1)
+        // Chunks of several groups: per-group dispatch costs more than a small group.
+#pragma omp for schedule(dynamic, 8)
         for (index_t a = 0; a < na; ++a) {
           const index_t q = active[a];
           scan_group<I>(groups[live[q]], x, cen, d, dlo[q], scale, rel_err, sc);

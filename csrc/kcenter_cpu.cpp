@@ -376,34 +376,32 @@ inline void filter_rows(const float* c, const RowT<I>* const p[4], index_t d, fl
   else filter4_scalar(c, p, d, out);
 }
 
+// Per-point state, one record per member so a group scan reads one stream.
+struct PointState {
+  double u;        // exact distance to the owner centre
+  double mind;     // current min-distance (<= u)
+  double wt;       // sample weight (1 without weights)
+  double err;      // ||point - row / scale|| (0 for float32 rows)
+  index_t idx;     // original point index
+};
+
 // A group: the eligible points owned by one centre, stored contiguously (rows
 // and per-point state) so that scanning a group streams memory.
 template <class T>
 struct Members {
-  std::vector<T> rows;         // size() * d, scaled copies of the points
-  std::vector<index_t> idx;    // original point index
-  std::vector<double> u;       // exact distance to the owner centre
-  std::vector<double> mind;    // current min-distance (<= u)
-  std::vector<double> wt;      // sample weight (1 without weights)
-  std::vector<double> err;     // ||point - row / scale|| (0 for float32 rows)
+  std::vector<T> rows;           // size() * d, scaled copies of the points
+  std::vector<PointState> st;
 
-  size_t size() const { return idx.size(); }
-  void clear() { rows.clear(); idx.clear(); u.clear(); mind.clear(); wt.clear(); err.clear(); }
+  size_t size() const { return st.size(); }
+  void clear() { rows.clear(); st.clear(); }
   void push_from(const Members& o, size_t q, index_t d, double new_u) {
     rows.insert(rows.end(), o.rows.begin() + q * d, o.rows.begin() + (q + 1) * d);
-    idx.push_back(o.idx[q]);
-    u.push_back(new_u);
-    mind.push_back(o.mind[q]);
-    wt.push_back(o.wt[q]);
-    err.push_back(o.err[q]);
+    st.push_back(o.st[q]);
+    st.back().u = new_u;
   }
   void append(const Members& o) {
     rows.insert(rows.end(), o.rows.begin(), o.rows.end());
-    idx.insert(idx.end(), o.idx.begin(), o.idx.end());
-    u.insert(u.end(), o.u.begin(), o.u.end());
-    mind.insert(mind.end(), o.mind.begin(), o.mind.end());
-    wt.insert(wt.end(), o.wt.begin(), o.wt.end());
-    err.insert(err.end(), o.err.begin(), o.err.end());
+    st.insert(st.end(), o.st.begin(), o.st.end());
   }
   // Keeps the members whose `gone` flag is 0, in order.
   void compact(const std::vector<char>& gone, index_t d) {
@@ -412,20 +410,12 @@ struct Members {
       if (gone[q]) continue;
       if (k != q) {
         std::copy(rows.begin() + q * d, rows.begin() + (q + 1) * d, rows.begin() + k * d);
-        idx[k] = idx[q];
-        u[k] = u[q];
-        mind[k] = mind[q];
-        wt[k] = wt[q];
-        err[k] = err[q];
+        st[k] = st[q];
       }
       ++k;
     }
     rows.resize(k * d);
-    idx.resize(k);
-    u.resize(k);
-    mind.resize(k);
-    wt.resize(k);
-    err.resize(k);
+    st.resize(k);
   }
 };
 
@@ -447,9 +437,10 @@ void refresh_stats(Group<T>& g) {
   index_t bi = -1;
   const Members<T>& M = g.mem;
   for (size_t q = 0; q < M.size(); ++q) {
-    bound = std::max(bound, M.u[q] + M.mind[q]);
-    const double pr = M.wt[q] * M.mind[q];
-    if (better(pr, M.idx[q], bp, bi)) { bp = pr; bi = M.idx[q]; }
+    const PointState& P = M.st[q];
+    bound = std::max(bound, P.u + P.mind);
+    const double pr = P.wt * P.mind;
+    if (better(pr, P.idx, bp, bi)) { bp = pr; bi = P.idx; }
   }
   g.bound = bound;
   g.best_prio = bp;
@@ -512,7 +503,7 @@ void scan_group(Group<RowT<I>>& g, const float* x, const Centre& c, index_t d, d
   const size_t cnt = M.size();
   sc.cand.clear();
   for (size_t q = 0; q < cnt; ++q)
-    if (dlo < M.u[q] + M.mind[q]) sc.cand.push_back(index_t(q));
+    if (dlo < M.st[q].u + M.st[q].mind) sc.cand.push_back(index_t(q));
   if (sc.cand.empty()) return;
   const size_t nc = sc.cand.size();
   const RowT<I>* rows[4];
@@ -526,17 +517,20 @@ void scan_group(Group<RowT<I>>& g, const float* x, const Centre& c, index_t d, d
     for (int q = 0; q < 4 && b + q < nc; ++q) {
       const index_t slot = sc.cand[b + q];
       // ||p - c|| >= ||row/scale - xs/scale|| - err_p - err_c.
-      if (proves_at_least(f[q], (M.u[slot] + M.err[slot] + c.err) * scale, rel_err)) continue;
+      const PointState& P = M.st[slot];
+      if (proves_at_least(f[q], (P.u + P.err + c.err) * scale, rel_err)) continue;
       sc.need.push_back(slot);
       // The exact pass reads the original (cold) rows: start fetching them now.
-      const char* row = reinterpret_cast<const char*>(x + M.idx[slot] * d);
+      const char* row = reinterpret_cast<const char*>(x + P.idx * d);
       for (index_t off = 0; off < index_t(sizeof(float)) * d; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     }
   }
+  if (sc.need.empty()) return;  // no member can change: the group's stats stand
   for (index_t slot : sc.need) {
-    const double up = M.u[slot];
-    const double e = std::sqrt(exact_sqdist<I>(x + M.idx[slot] * d, c.x, d));
-    if (e < M.mind[slot]) M.mind[slot] = e;
+    PointState& P = M.st[slot];
+    const double up = P.u;
+    const double e = std::sqrt(exact_sqdist<I>(x + P.idx * d, c.x, d));
+    if (e < P.mind) P.mind = e;
     if (e < up) {
       if (!n_moved) sc.gone.assign(cnt, 0);
       sc.moved.push_from(M, slot, d, e);
@@ -608,22 +602,21 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
       // Every eligible point is owned by the first centre.
       auto& M = ng.mem;
       M.rows.resize(size_t(cnt) * d);
-      M.idx = elig;
-      M.u.resize(cnt);
-      M.mind.resize(cnt);
-      M.wt.resize(cnt);
-      M.err.assign(cnt, 0.);
+      M.st.resize(cnt);
 #pragma omp parallel for schedule(static) if (cnt * d > (1 << 16))
       for (index_t q = 0; q < cnt; ++q) {
         const index_t p = elig[q];
+        PointState& P = M.st[q];
+        P.idx = p;
+        P.err = 0.;
         if constexpr (std::is_same_v<T, float>)
           std::memcpy(M.rows.data() + q * d, x + p * d, sizeof(float) * d);
         else
-          M.err[q] = to_half_row(x + p * d, scale, M.rows.data() + q * d, d);
+          P.err = to_half_row(x + p * d, scale, M.rows.data() + q * d, d);
         const double e = std::sqrt(exact_sqdist<I>(x + p * d, cen.x, d));
-        M.u[q] = e;
-        M.mind[q] = std::min(init_mind[p], e);
-        M.wt[q] = w ? double(w[p]) : 1.;
+        P.u = e;
+        P.mind = std::min(init_mind[p], e);
+        P.wt = w ? double(w[p]) : 1.;
       }
       refresh_stats(ng);
       live.push_back(0);

@@ -166,6 +166,130 @@ inline void micro(const float* const* a, const float* bp, index_t d, float* out,
   else micro_scalar(a, bp, d, out, ldo);
 }
 
+// ------------------------------------------------------------------ row selection
+// For row i: approx[j] = ||a_i||^2 + ||a_j||^2 - 2 a_i.a_j (self = +inf), the
+// k-th smallest of them (k <= 32, kept sorted in `top`), then every j != i with
+// approx[j] <= limit(kth) appended to `cand`. SIMD compares skip the (many)
+// values that cannot enter the running top-k.
+inline void top_insert(float v, float* top, index_t k, index_t& filled) {
+  index_t pos = filled < k ? filled++ : k - 1;
+  while (pos > 0 && top[pos - 1] > v) { top[pos] = top[pos - 1]; --pos; }
+  top[pos] = v;
+}
+
+struct RowLimit {
+  double c_err, nrm_max;
+  // float32 limit, rounded up, for the k-th smallest approximate distance `kth`.
+  float operator()(float kth, float ni) const {
+    const double err = c_err * (double(ni) + nrm_max);
+    const double lim = (double(kth) + 2. * err) * (1. + 1e-9) + 1e-30;
+    float f = float(lim);
+    return double(f) < lim ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
+  }
+};
+
+void row_select_scalar(const float* dot, const float* nrm, float ni, index_t n, index_t i, index_t k,
+                       const RowLimit& lim, float* approx, float* top, std::vector<index_t>& cand) {
+  for (index_t j = 0; j < n; ++j) approx[j] = ni + nrm[j] - 2.f * dot[j];
+  approx[i] = std::numeric_limits<float>::infinity();
+  index_t filled = 0;
+  for (index_t j = 0; j < n; ++j) {
+    const float v = approx[j];
+    if (j == i || (filled == k && !(v < top[k - 1]))) continue;
+    top_insert(v, top, k, filled);
+  }
+  const float limit = lim(top[k - 1], ni);
+  for (index_t j = 0; j < n; ++j)
+    if (j != i && approx[j] <= limit) cand.push_back(j);
+}
+
+SP_TARGET_AVX2 void row_select_avx2(const float* dot, const float* nrm, float ni, index_t n, index_t i,
+                                    index_t k, const RowLimit& lim, float* approx, float* top,
+                                    std::vector<index_t>& cand) {
+  const __m256 vni = _mm256_set1_ps(ni), two = _mm256_set1_ps(2.f);
+  const index_t n8 = n - n % 8;
+  for (index_t j = 0; j < n8; j += 8)
+    _mm256_storeu_ps(approx + j, _mm256_sub_ps(_mm256_add_ps(vni, _mm256_loadu_ps(nrm + j)),
+                                               _mm256_mul_ps(two, _mm256_loadu_ps(dot + j))));
+  for (index_t j = n8; j < n; ++j) approx[j] = ni + nrm[j] - 2.f * dot[j];
+  approx[i] = std::numeric_limits<float>::infinity();
+  index_t filled = 0;
+  float thr = std::numeric_limits<float>::infinity();
+  for (index_t j = 0; j < n8; j += 8) {
+    const __m256 v = _mm256_loadu_ps(approx + j);
+    unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(thr), _CMP_LT_OQ)));
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      const float val = approx[j + b];
+      if (!(val < thr)) continue;
+      top_insert(val, top, k, filled);
+      if (filled == k) thr = top[k - 1];
+    }
+  }
+  for (index_t j = n8; j < n; ++j)
+    if (approx[j] < thr) {
+      top_insert(approx[j], top, k, filled);
+      if (filled == k) thr = top[k - 1];
+    }
+  // The self entry is +inf, never below a finite threshold, so it never entered `top`.
+  const float limit = lim(top[k - 1], ni);
+  const __m256 vl = _mm256_set1_ps(limit);
+  for (index_t j = 0; j < n8; j += 8) {
+    unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(approx + j), vl, _CMP_LE_OQ)));
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      cand.push_back(j + b);
+    }
+  }
+  for (index_t j = n8; j < n; ++j)
+    if (approx[j] <= limit) cand.push_back(j);
+}
+
+SP_TARGET_AVX512 void row_select_avx512(const float* dot, const float* nrm, float ni, index_t n, index_t i,
+                                        index_t k, const RowLimit& lim, float* approx, float* top,
+                                        std::vector<index_t>& cand) {
+  const __m512 vni = _mm512_set1_ps(ni), two = _mm512_set1_ps(2.f);
+  const index_t n16 = n - n % 16;
+  for (index_t j = 0; j < n16; j += 16)
+    _mm512_storeu_ps(approx + j, _mm512_sub_ps(_mm512_add_ps(vni, _mm512_loadu_ps(nrm + j)),
+                                               _mm512_mul_ps(two, _mm512_loadu_ps(dot + j))));
+  for (index_t j = n16; j < n; ++j) approx[j] = ni + nrm[j] - 2.f * dot[j];
+  approx[i] = std::numeric_limits<float>::infinity();
+  index_t filled = 0;
+  float thr = std::numeric_limits<float>::infinity();
+  for (index_t j = 0; j < n16; j += 16) {
+    const __m512 v = _mm512_loadu_ps(approx + j);
+    unsigned m = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_LT_OQ);
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      const float val = approx[j + b];
+      if (!(val < thr)) continue;
+      top_insert(val, top, k, filled);
+      if (filled == k) thr = top[k - 1];
+    }
+  }
+  for (index_t j = n16; j < n; ++j)
+    if (approx[j] < thr) {
+      top_insert(approx[j], top, k, filled);
+      if (filled == k) thr = top[k - 1];
+    }
+  const float limit = lim(top[k - 1], ni);
+  const __m512 vl = _mm512_set1_ps(limit);
+  for (index_t j = 0; j < n16; j += 16) {
+    unsigned m = _mm512_cmp_ps_mask(_mm512_loadu_ps(approx + j), vl, _CMP_LE_OQ);
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      cand.push_back(j + b);
+    }
+  }
+  for (index_t j = n16; j < n; ++j)
+    if (approx[j] <= limit) cand.push_back(j);
+}
+
 // ------------------------------------------------------------------ per group
 struct Workspace {
   std::vector<float> xc;       // centred group, n x d
@@ -174,6 +298,7 @@ struct Workspace {
   std::vector<float> dots;     // MR x n_pad dot products of one row panel
   std::vector<float> approx;   // one row of approximate squared distances
   std::vector<float> top;      // k smallest approximate distances
+  std::vector<index_t> cand_idx;
   std::vector<std::pair<double, index_t>> cand;
   std::vector<index_t> nbr;    // n x k neighbour indices
   std::vector<double> ndist;   // n x k exact neighbour distances
@@ -222,6 +347,9 @@ void knn_group(const float* x, index_t n, index_t d, index_t k, Workspace& ws) {
   ws.top.resize(k);
   ws.nbr.resize(size_t(n) * k);
   ws.ndist.resize(size_t(n) * k);
+  const RowLimit lim{c_err, double(nrm_max)};
+  // Norms beyond float32 range (|x| ~ 1e19 after centring): no usable approximation.
+  const bool brute = !(double(nrm_max) * 4. < double(std::numeric_limits<float>::max()));
   const float* rows[MR];
   for (index_t i0 = 0; i0 < n; i0 += MR) {
     for (int r = 0; r < MR; ++r) rows[r] = ws.xc.data() + std::min(i0 + r, n - 1) * d;
@@ -231,33 +359,31 @@ void knn_group(const float* x, index_t n, index_t d, index_t k, Workspace& ws) {
       const index_t i = i0 + r;
       const float* dot = ws.dots.data() + r * n_pad;
       const float ni = ws.nrm[i];
-      for (index_t j = 0; j < n; ++j) ws.approx[j] = ni + ws.nrm[j] - 2.f * dot[j];
-      ws.approx[i] = std::numeric_limits<float>::infinity();  // self is never a neighbour
-      // k-th smallest approximate distance among the others.
-      float kth;
-      if (k <= 32) {
-        float* top = ws.top.data();
-        index_t filled = 0;
-        for (index_t j = 0; j < n; ++j) {
-          if (j == i) continue;
-          const float v = ws.approx[j];
-          if (filled == k && !(v < top[k - 1])) continue;
-          index_t pos = filled < k ? filled++ : k - 1;
-          while (pos > 0 && top[pos - 1] > v) { top[pos] = top[pos - 1]; --pos; }
-          top[pos] = v;
-        }
-        kth = top[k - 1];
+      ws.cand_idx.clear();
+      if (brute) {  // float32 Gram values overflow: every other sample is a candidate
+        for (index_t j = 0; j < n; ++j) ws.cand_idx.push_back(j);
+      } else if (k <= 32) {
+        if constexpr (I == Isa::Avx512)
+          row_select_avx512(dot, ws.nrm.data(), ni, n, i, k, lim, ws.approx.data(), ws.top.data(), ws.cand_idx);
+        else if constexpr (I == Isa::Avx2)
+          row_select_avx2(dot, ws.nrm.data(), ni, n, i, k, lim, ws.approx.data(), ws.top.data(), ws.cand_idx);
+        else
+          row_select_scalar(dot, ws.nrm.data(), ni, n, i, k, lim, ws.approx.data(), ws.top.data(), ws.cand_idx);
       } else {
+        for (index_t j = 0; j < n; ++j) ws.approx[j] = ni + ws.nrm[j] - 2.f * dot[j];
+        ws.approx[i] = std::numeric_limits<float>::infinity();  // self is never a neighbour
+        // The k-th smallest of all n equals that of the others: self is +inf and k <= n - 1.
         std::vector<float> tmp(ws.approx.begin(), ws.approx.end());
         std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end());
-        kth = tmp[k - 1];
+        const float limit = lim(tmp[k - 1], ni);
+        for (index_t j = 0; j < n; ++j)
+          if (j != i && ws.approx[j] <= limit) ws.cand_idx.push_back(j);
       }
-      const double err = c_err * (double(ni) + double(nrm_max));
-      const double limit = (double(kth) + 2. * err) * (1. + 1e-9) + 1e-30;
       ws.cand.clear();
-      for (index_t j = 0; j < n; ++j)
-        if (j != i && double(ws.approx[j]) <= limit)
-          ws.cand.emplace_back(std::sqrt(exact_sqdist(x + i * d, x + j * d, d)), j);
+      for (index_t j : ws.cand_idx) {
+        if (j == i) continue;
+        ws.cand.emplace_back(std::sqrt(exact_sqdist(x + i * d, x + j * d, d)), j);
+      }
       // Pairs sort by (distance, index): ties go to the lower index.
       std::partial_sort(ws.cand.begin(), ws.cand.begin() + k, ws.cand.end());
       for (index_t t = 0; t < k; ++t) {

@@ -57,6 +57,15 @@ def test_large_offset_data_uses_centring(isa):
     np.testing.assert_allclose(ops.lof(x, 5), R.lof(x, 5), rtol=1e-5)
 
 
+def test_extreme_magnitudes(isa):
+    rng = np.random.default_rng(11)
+    for scale in (1e20, 1e-20):  # float32 squares overflow / underflow
+        x = (rng.standard_normal((2, 30, 6)) * scale).astype(np.float32)
+        got = ops.lof(x, 4)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, R.lof(x, 4), rtol=1e-5)
+
+
 def test_duplicates_finite_and_as_reference(isa):
     rng = np.random.default_rng(3)
     x = np.round(rng.standard_normal((3, 30, 7)) * 2).astype(np.float32)

@@ -284,7 +284,7 @@ def outlier_scores(
     *,
     k: int = 6,
     window: int = 1,
-    pool_size: int = 16384,
+    pool_size: int = 4096,
     seed: int = 0,
     graph_cache: dict | None = None,
     progress: bool = False,

@@ -116,7 +116,7 @@ def _check_common(cfg: dict) -> None:
 
 
 # What PatchCore's report-only discriminator uses (it takes no such arguments).
-_DISCRIMINATOR_DEFAULTS = {"alignment": "auto", "window": 1, "lof_k": 6, "pool_size": 16384}
+_DISCRIMINATOR_DEFAULTS = {"alignment": "auto", "window": 1, "lof_k": 6, "pool_size": 4096}
 
 
 class _Detector:
@@ -603,7 +603,7 @@ class SoftPatch(_Detector):
         proj_dim: int = 128, coreset_ratio: float = 0.1, resize: int | None = 256, crop: int | None = 224,
         device: str = "auto", batch_size: int = 16, seed: int = 0, progress: bool = False,
         distance: str = "l2", discriminator: str = "lof", lof_k: int = 6, noise_threshold: float = 0.15,
-        alignment: str = "auto", window: int = 1, pool_size: int = 16384, soft_weights: bool = True,
+        alignment: str = "auto", window: int = 1, pool_size: int = 4096, soft_weights: bool = True,
     ):
         super().__init__(
             backbone=backbone, layers=layers, weights=weights, pretrained=pretrained, embed_dim=embed_dim,
@@ -652,7 +652,7 @@ class SoftPatchPlus(_Detector):
         device: str = "auto", batch_size: int = 16, seed: int = 0, progress: bool = False,
         distance: str = "l2", discriminators: tuple[str, ...] | list[str] = ("lof", "gaussian"),
         fusion: str = "mean", cls_threshold: float = 0.15, seg_threshold: float = 0.5, alignment: str = "auto",
-        window: int = 1, lof_k: int = 6, pool_size: int = 16384, soft_weights: bool = True,
+        window: int = 1, lof_k: int = 6, pool_size: int = 4096, soft_weights: bool = True,
     ):
         if isinstance(discriminators, str):
             discriminators = [discriminators]

@@ -230,7 +230,7 @@ def test_softpatch_finds_planted_defects_and_beats_patchcore(contaminated):
 def test_auto_alignment_on_aligned_objects(contaminated):
     soft = contaminated[3]
     assert soft.fit_info_["alignment"] == "position"
-    assert soft.fit_info_["alignment_statistic"] < 0.75
+    assert soft.fit_info_["alignment_statistic"] < 0.7
 
 
 # ------------------------------------------------------------------ errors

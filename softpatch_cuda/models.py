@@ -287,7 +287,10 @@ class _Detector:
             alignment, rho = disc.resolve_alignment(self._opt("alignment"), z, cfg["seed"])
             info.update(alignment=alignment, alignment_statistic=rho)
             cache: dict = {}
-            for m in methods:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            for m in tqdm(methods, desc=f"denoising ({alignment})", unit="discriminator",
+                          disable=not cfg["progress"]):
                 raw[m] = disc.outlier_scores(
                     z, m, alignment, k=k, window=self._opt("window"), pool_size=self._opt("pool_size"),
                     seed=cfg["seed"], graph_cache=cache, progress=cfg["progress"],
@@ -310,7 +313,10 @@ class _Detector:
         report_scores = None
         removed_fraction = np.zeros(n, dtype=np.float32)
         order_score = self._order_score(raw, info) if raw else None  # [N,h,w], larger = more outlying
-        for bank_name, remove_fraction, soft in plan["banks"]:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        for bank_name, remove_fraction, soft in tqdm(plan["banks"], desc="coreset", unit="bank",
+                                                     disable=not cfg["progress"]):
             kept = torch.ones(total, dtype=torch.bool, device=device)
             n_remove = disc.top_fraction_count(total, remove_fraction) if order_score is not None else 0
             if n_remove > 0:

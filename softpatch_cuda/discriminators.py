@@ -148,6 +148,11 @@ def window_graph(z: torch.Tensor, k: int, radius: int, progress_bar=None) -> tup
     dist_out = torch.empty(n * p, k, device=dev)
     idx_out = torch.empty(n * p, k, dtype=torch.int64, device=dev)
     images = torch.arange(n, device=dev)
+    if dev.type == "cuda" and k + (2 * radius + 1) ** 2 > 64:
+        raise ValueError(
+            f"window={radius} with lof_k={k} needs {k + (2 * radius + 1) ** 2} neighbours per query; the CUDA "
+            "k-NN kernel keeps at most 64 (use window <= 3)"
+        )
     for pos, window in enumerate(_window_positions(h, w, radius, dev)):
         wsize = window.numel()
         bank = flat[:, window].reshape(n * wsize, d)  # image-major: row = img*wsize + j

@@ -105,6 +105,12 @@ def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
     Metrics are fractions in [0, 1]; a metric that is undefined on this split (test set
     with one class only; no ground-truth masks at all for the pixel metrics) is None.
     """
+    return evaluate_split_detailed(model, split, progress)[0]
+
+
+def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> tuple[dict, Any, np.ndarray | None]:
+    """:func:`evaluate_split` that also returns the test Prediction and the ground-truth
+    masks in the model frame (bool [N, S, S], None when the split has no masks)."""
     from . import metrics
 
     train, test = list(split.train), list(split.test)
@@ -139,6 +145,7 @@ def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
             logger.warning("F1-max undefined here: %s", exc)
 
     pixel_auroc = aupro = None
+    masks = None
     if any(getattr(s, "mask_path", None) for s in test):
         maps = np.asarray(prediction.maps, dtype=np.float32)
         masks = masks_in_model_frame(test, model_transform(model), size=None)
@@ -152,7 +159,7 @@ def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
     else:
         logger.info("split %r has no ground-truth masks; pixel metrics skipped", split.category)
 
-    return {
+    row = {
         "dataset": getattr(split, "dataset", None),
         "category": split.category,
         "n_train": len(train),
@@ -165,6 +172,7 @@ def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
         "fit_s": fit_s,
         "predict_s": predict_s,
     }
+    return row, prediction, masks
 
 
 def mean_row(rows: Sequence[dict], keys: Iterable[str] = METRIC_KEYS, label: str = "mean") -> dict:
@@ -213,14 +221,20 @@ def results_table_markdown(
 
 
 def write_results(
-    rows: Sequence[dict], out_dir: str | os.PathLike, meta: dict | None = None, stem: str = "results"
+    rows: Sequence[dict],
+    out_dir: str | os.PathLike,
+    meta: dict | None = None,
+    stem: str = "results",
+    title: str | None = None,
 ) -> tuple[Path, Path]:
-    """Write out_dir/<stem>.json ({"meta", "rows", "mean"}) and out_dir/<stem>.md (the table)."""
+    """Write out_dir/<stem>.json ({"meta", "rows", "mean"}) and out_dir/<stem>.md (the table,
+    under ``title`` when given)."""
     from .report import write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = write_json(out_dir / f"{stem}.json", {"meta": meta or {}, "rows": list(rows), "mean": mean_row(rows)})
     md_path = out_dir / f"{stem}.md"
-    md_path.write_text(results_table_markdown(rows))
+    table = results_table_markdown(rows)
+    md_path.write_text(f"# {title}\n\n{table}" if title else table)
     return json_path, md_path

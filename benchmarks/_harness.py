@@ -27,6 +27,20 @@ GPU_PEAKS = {
 }
 
 
+def import_softpatch_cuda():
+    """Import the installed package; fall back to this source tree (developer build with
+    the compiled module next to the sources) only when none is installed."""
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module("softpatch_cuda")
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        sys.modules.pop("softpatch_cuda", None)
+        return importlib.import_module("softpatch_cuda")
+
+
 def gpu_peaks(name: str) -> dict | None:
     """Peak figures for a GPU by (substring of) its name, or None when unknown."""
     for key, peaks in GPU_PEAKS.items():

@@ -138,6 +138,7 @@ py::dict build_info() {
   info["cuda_compiled"] = sp::cuda_compiled();
   info["cuda_version"] = std::string(SOFTPATCH_CUDA_VERSION_STR);
   info["cuda_architectures"] = std::string(SOFTPATCH_CUDA_ARCHS);
+  info["cuda_option"] = std::string(SOFTPATCH_CUDA_OPTION);  // AUTO | ON | OFF at configure time
   info["compiler"] = std::string(SOFTPATCH_COMPILER);
   info["openmp"] = bool(SOFTPATCH_OPENMP);
 #ifdef _OPENMP

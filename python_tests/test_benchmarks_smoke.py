@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import package_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_kernels.py"
 
@@ -22,10 +24,9 @@ SCRIPT = ROOT / "benchmarks" / "bench_kernels.py"
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, env=package_env(), cwd=out,
     )
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     jsons, mds = sorted(out.glob("*-cpu-*.json")), sorted(out.glob("*-cpu-*.md"))
@@ -77,7 +78,7 @@ def test_machine_info_and_markdown(quick_results):
         assert f"| {op} |" in md
 
 
-def test_bad_ops_argument_is_rejected():
+def test_bad_ops_argument_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--ops", "knn,bogus"], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+                          timeout=60, env=package_env(), cwd=tmp_path)
     assert proc.returncode != 0 and "bogus" in proc.stderr

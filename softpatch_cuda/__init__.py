@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import _core, ops
+try:
+    from . import _core
+except ImportError as exc:  # a source tree without its compiled module
+    raise ImportError(
+        f"softpatch_cuda's compiled module _core could not be imported from {__path__[0]} ({exc}). "
+        "Install the package (pip install .) or build it in place (see README, 'Developer build')."
+    ) from exc
+from . import ops
 from ._core import CudaError
 from .runtime import cuda_available, cuda_unavailable_reason, resolve_device
 

@@ -22,6 +22,8 @@ def _probe() -> tuple[bool, str]:
     if os.environ.get(FORCE_CPU_ENV, "") not in ("", "0"):
         return False, f"{FORCE_CPU_ENV} is set"
     if not _core.build_info()["cuda_compiled"]:
+        if _core.build_info().get("cuda_option") == "OFF":
+            return False, "softpatch_cuda was built without CUDA (SOFTPATCH_CUDA=OFF)"
         return False, "softpatch_cuda was built without CUDA (no nvcc at build time)"
     probe = _core.cuda_probe()
     if probe["device_count"] == 0:

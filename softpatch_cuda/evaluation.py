@@ -111,13 +111,12 @@ def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
 def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> tuple[dict, Any, np.ndarray | None]:
     """:func:`evaluate_split` that also returns the test Prediction and the ground-truth
     masks in the model frame (bool [N, S, S], None when the split has no masks)."""
-    from . import metrics
-
     train, test = list(split.train), list(split.test)
     if not train:
         raise ValueError(f"split {split.category!r}: empty training set")
     if not test:
         raise ValueError(f"split {split.category!r}: empty test set")
+    from . import metrics
     _set_progress(model, progress)
 
     t0 = time.perf_counter()

@@ -137,11 +137,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, info: dict, sizes: dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from softpatch_cuda.data.datasets import load_mvtec
     from softpatch_cuda.data.demo import DEMO_CATEGORIES, make_demo_dataset
     from softpatch_cuda.data.noise import apply_noise
 
-    args = parse_args(argv)
     categories = args.categories or list(DEMO_CATEGORIES)
     unknown = [c for c in categories if c not in DEMO_CATEGORIES]
     if unknown:

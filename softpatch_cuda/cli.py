@@ -494,18 +494,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} exists and is not a folder")
     model_kwargs(args)  # validate the model options before any long work
 
-    categories: list[str | None] | None = _split_list(args.category)
-    if categories is None:
-        if args.dataset == "folder":
-            categories = [None]
-        else:
-            categories = list(datasets.list_categories(args.dataset, root))
-            if not categories:
-                raise ValueError(f"no {args.dataset} categories found under {root}")
+    categories = _split_list(args.category) or list(datasets.list_categories(args.dataset, root))
     rows: list[dict] = []
     records: list[dict] = []
     for n, category in enumerate(categories, 1):
-        label = category if category is not None else root.name
+        label = category
         split = datasets.load_dataset(args.dataset, root, category)
         split, record = apply_noise(split, args.noise, seed=args.noise_seed, overlap=args.overlap)
         records.append(record.to_dict())

@@ -342,8 +342,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def build_model(args: argparse.Namespace) -> Any:
-    cls = _model_classes()[args.model]
-    return cls(**model_kwargs(args))
+    kwargs = model_kwargs(args)  # option mistakes first, before any heavy import
+    return _model_classes()[args.model](**kwargs)
 
 
 def _record_given_sizes(args: argparse.Namespace, argv: Sequence[str]) -> None:

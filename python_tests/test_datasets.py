@@ -344,3 +344,31 @@ def test_read_mask_resizes_with_nearest(tmp_path):
         read_mask(sample, (0, 4))
     with pytest.raises(FileNotFoundError):
         read_mask(Sample("x", 1, "c", str(tmp_path / "gone.png")), (4, 4))
+
+
+def test_visa_csv_with_bom_and_crlf(tmp_path):
+    _img(tmp_path / "fryum/Data/Images/Normal/0.JPG")
+    _img(tmp_path / "fryum/Data/Images/Normal/1.JPG")
+    _img(tmp_path / "fryum/Data/Images/Anomaly/0.JPG")
+    (tmp_path / "split_csv").mkdir()
+    text = (
+        "object,split,label,image,mask\r\n"
+        "fryum,train,normal,fryum/Data/Images/Normal/0.JPG,\r\n"
+        "fryum,test,normal,fryum/Data/Images/Normal/1.JPG,\r\n"
+        "fryum,test,anomaly,fryum/Data/Images/Anomaly/0.JPG,\r\n"
+    )
+    (tmp_path / "split_csv" / "1cls.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    split = load_visa(tmp_path, "fryum")
+    assert [s.label for s in split.test] == [0, 1] and split.test[1].mask_path is None
+
+
+def test_non_images_and_hidden_files_ignored(tmp_path):
+    root = make_mvtec(tmp_path)
+    (root / "bottle" / "train" / "good" / "readme.txt").write_text("x")
+    _img(root / "bottle" / "train" / "good" / ".hidden.png")
+    (root / "bottle" / "test" / ".cache").mkdir()
+    _img(root / "bottle" / "test" / ".cache" / "0.png")
+    _img(root / "bottle" / "train" / "good" / "003.PNG", mode="L")  # upper-case extension, greyscale
+    split = load_mvtec(root, "bottle")
+    assert [Path(s.path).name for s in split.train] == ["000.png", "001.png", "002.png", "003.PNG"]
+    assert {s.defect_type for s in split.test} == {"broken", "crack", "good"}

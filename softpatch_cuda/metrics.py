@@ -136,8 +136,12 @@ def pro_curve(
     predicted anomalous; PRO = mean over all defect regions (8-connected components of
     each mask) of the share of the region predicted anomalous."""
     m, a = _pixel_inputs(masks, maps)
+    exact_bins = None
     if num_thresholds is None:
-        thresholds = np.unique(a).astype(np.float64)
+        # Every distinct value is a threshold, so a pixel's bin is its rank among them + 1.
+        thresholds, inverse = np.unique(a, return_inverse=True)
+        thresholds = thresholds.astype(np.float64)
+        exact_bins = inverse.reshape(a.shape) + 1
     else:
         if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, Integral) or num_thresholds < 2:
             raise ValueError(f"num_thresholds must be an int >= 2 or None, got {num_thresholds!r}")
@@ -145,25 +149,32 @@ def pro_curve(
     n_bins = thresholds.size + 1
     # Counting instead of binarising once per threshold: a pixel whose value is >= the
     # first k thresholds is positive at exactly those k, so per-threshold totals are
-    # reversed cumulative sums of per-bin counts (one pass over the pixels).
-    normal_hist = np.zeros(n_bins, dtype=np.float64)
-    region_hist = np.zeros(n_bins, dtype=np.float64)
-    n_normal = 0
+    # reversed cumulative sums of per-bin counts. Bins are gathered per image and
+    # counted once at the end (one bincount of length T+1, not one per image).
+    normal_bins: list[np.ndarray] = []
+    defect_bins: list[np.ndarray] = []
+    defect_weights: list[np.ndarray] = []
     n_regions = 0
-    for mask, amap in zip(m, a):
-        bins = np.searchsorted(thresholds, amap.astype(np.float64), side="right")
-        normal_hist += np.bincount(bins[~mask], minlength=n_bins)
-        n_normal += int((~mask).sum())
+    for index, (mask, amap) in enumerate(zip(m, a)):
+        if exact_bins is not None:
+            bins = exact_bins[index]
+        else:
+            bins = np.searchsorted(thresholds, amap.astype(np.float64), side="right")
+        normal_bins.append(bins[~mask])
         if mask.any():
             regions, count = ndimage.label(mask, structure=_REGION_STRUCTURE)
             sizes = np.bincount(regions.ravel(), minlength=count + 1).astype(np.float64)
             defect = regions > 0
-            region_hist += np.bincount(bins[defect], weights=1.0 / sizes[regions[defect]], minlength=n_bins)
+            defect_bins.append(bins[defect])
+            defect_weights.append(1.0 / sizes[regions[defect]])  # each region sums to 1
             n_regions += count
+    n_normal = sum(b.size for b in normal_bins)
     if n_regions == 0:
         raise ValueError("AUPRO is undefined: the masks contain no defect pixels")
     if n_normal == 0:
         raise ValueError("AUPRO is undefined: the masks contain no normal pixels (FPR has no denominator)")
+    normal_hist = np.bincount(np.concatenate(normal_bins), minlength=n_bins).astype(np.float64)
+    region_hist = np.bincount(np.concatenate(defect_bins), weights=np.concatenate(defect_weights), minlength=n_bins)
     # positives at threshold j = pixels in bins j+1..T; index T+1 -> threshold +inf (nothing positive).
     normal_pos = np.cumsum(normal_hist[::-1])[::-1][1:]
     region_pos = np.cumsum(region_hist[::-1])[::-1][1:]

@@ -17,7 +17,38 @@ from .images import (
     load_mask,
 )
 
+from .datasets import (
+    BTAD_CATEGORIES,
+    MVTEC_CATEGORIES,
+    VISA_CATEGORIES,
+    DatasetSplit,
+    Sample,
+    list_categories,
+    load_btad,
+    load_dataset,
+    load_folder,
+    load_mvtec,
+    load_visa,
+    read_mask,
+)
+from .noise import NoiseRecord, apply_noise, apply_noise_record
+
 __all__ = [
+    "BTAD_CATEGORIES",
+    "MVTEC_CATEGORIES",
+    "VISA_CATEGORIES",
+    "DatasetSplit",
+    "NoiseRecord",
+    "Sample",
+    "apply_noise",
+    "apply_noise_record",
+    "list_categories",
+    "load_btad",
+    "load_dataset",
+    "load_folder",
+    "load_mvtec",
+    "load_visa",
+    "read_mask",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

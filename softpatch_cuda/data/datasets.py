@@ -277,7 +277,7 @@ def _visa_layout(root: Path, category: str) -> str:
 
 def _read_visa_csv(csv_path: Path) -> list[dict[str, str]]:
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             missing = {"object", "split", "label", "image", "mask"} - set(columns)

@@ -181,7 +181,7 @@ def test_model_kwargs_mapping():
 
 # ------------------------------------------------------------------ end to end
 @needs_models
-def test_fit_predict_end_to_end(tiny, tmp_path):
+def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     train = tiny / "widget" / "train" / "good"
     model = tmp_path / "models" / "widget.softpatch"
     proc = run_cli(["fit", str(train), "--out", str(model), "--top", "3", *TINY_MODEL], tmp_path)
@@ -214,16 +214,18 @@ def test_fit_predict_end_to_end(tiny, tmp_path):
     assert len({r["overlay"] for r in data["predictions"]}) == 4
     assert re.search(r"\d+ of 4 images anomalous", proc.stdout)
 
-    # threshold override: every image above 0 is anomalous; --quiet drops the per-image table
+    # threshold override: every image above 0 is anomalous; --quiet drops the per-image table and
+    # the progress bars (in-process: cheaper than another interpreter start)
     out2 = tmp_path / "pred2"
-    proc = run_cli(["-q", "predict", str(model), str(test_dir / "good"), "--out", str(out2), "--threshold", "0",
-                    "--no-overlays"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+    assert cli.main(["-q", "predict", str(model), str(test_dir / "good"), "--out", str(out2), "--threshold", "0",
+                     "--no-overlays"]) == 0
+    captured = capsys.readouterr()
     data2 = json.loads((out2 / "predictions.json").read_text())
     assert data2["threshold"] == 0.0 and all(r["verdict"] == "anomalous" for r in data2["predictions"])
     assert not (out2 / "overlays").exists()
-    assert proc.stdout.strip().splitlines() == [proc.stdout.strip().splitlines()[-1]]
-    assert proc.stderr.strip() == ""
+    assert len(captured.out.strip().splitlines()) == 1 and "3 of 3 images anomalous" in captured.out
+    assert captured.err.strip() == ""
 
 
 @needs_models
@@ -256,9 +258,9 @@ def test_demo_tiny(tmp_path, capsys):
 
     cats = list(DEMO_CATEGORIES[:2])
     out = tmp_path / "demo"
-    argv = ["-q", "demo", "--out", str(out), "--categories", ",".join(cats), "--noise", "0.25", "--no-pretrained",
-            "--backbone", "resnet18", "--layers", "layer2,layer3", "--image-size", "32", "--n-train", "8",
-            "--n-test-good", "2", "--n-test-defect", "4", "--device", "cpu"]
+    argv = ["-q", "demo", "--out", str(out), "--categories", ",".join(cats), "--noise", "0.34", "--no-pretrained",
+            "--backbone", "resnet18", "--layers", "layer2,layer3", "--image-size", "32", "--n-train", "6",
+            "--n-test-good", "2", "--n-test-defect", "3", "--device", "cpu"]
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
     assert "Report:" in stdout and str((out / "report.html").resolve()) in stdout
@@ -271,14 +273,31 @@ def test_demo_tiny(tmp_path, capsys):
     for c in data["categories"]:
         assert set(c["metrics"]) == {"SoftPatch+", "PatchCore"}
         assert c["flag_summary"]["planted"] == 2 and len(c["noise_record"]["added"]) == 2
+        assert c["flag_summary"]["n_train"] == 8
         assert {case["kind"] for case in c["cases"]} == {"best defect", "best good", "worst defect", "worst good"}
+        for item in c["flagged"]:
+            assert item["planted"] == (item["source"] in c["noise_record"]["added"])
     assert set(data["mean"]) == {"SoftPatch+", "PatchCore"}
-    # a second run into the same folder regenerates the data (marker file) instead of failing
-    assert cli.main(argv) == 0
-    # but a foreign non-empty data folder is refused
-    other = tmp_path / "other"
-    (other / "data").mkdir(parents=True)
-    (other / "data" / "mine.txt").write_text("x")
-    argv[argv.index(str(out))] = str(other)
+    assert (out / "data" / cli.DEMO_MARKER).is_file()
+
+
+def test_demo_folder_is_rebuilt_only_when_ours(tmp_path):
+    data = tmp_path / "data"
+    cli._prepare_demo_folder(data)
+    (data / "old.png").write_bytes(b"x")
+    cli._prepare_demo_folder(data)  # ours (marker): emptied and rebuilt
+    assert sorted(p.name for p in data.iterdir()) == [cli.DEMO_MARKER]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("x")
+    with pytest.raises(cli.UsageError, match="not a demo dataset folder"):
+        cli._prepare_demo_folder(foreign)
+    assert (foreign / "mine.txt").is_file()
+
+
+def test_demo_rejects_too_much_noise(tmp_path, capsys):
+    pytest.importorskip("softpatch_cuda.data.demo")
+    argv = ["demo", "--out", str(tmp_path / "d"), "--noise", "0.5", "--n-train", "10", "--n-test-defect", "4"]
     assert cli.main(argv) == 2
-    assert "not a demo dataset folder" in capsys.readouterr().err
+    assert "lower --noise" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

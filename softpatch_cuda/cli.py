@@ -422,8 +422,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _collect_images(args.images, args.recursive, "image path")
 
     from . import load_model
+    from .evaluation import set_progress
 
     model = load_model(model_path, device=args.device)
+    set_progress(model, False)  # our own bar below counts images over all chunks
     if args.threshold is not None:
         model.threshold = float(args.threshold)
     threshold = float(model.threshold)
@@ -595,13 +597,11 @@ def run_demo(
 ) -> dict:
     """Everything ``softpatch demo`` does; returns the results dict (also in out_dir/results.json)."""
     from . import __version__
-    from .data.datasets import load_mvtec, read_mask
+    from .data.datasets import load_mvtec
     from .data.demo import DEMO_CATEGORIES, make_demo_dataset
-    from .data.images import load_image
-    from .data.noise import apply_noise
+    from .data.noise import apply_noise, noise_count
     from .evaluation import evaluate_split_detailed, mean_row
-    from .metrics import image_auroc
-    from .report import colour_range, colourbar, overlay, save_png, write_demo_report, write_json
+    from .report import colourbar, save_png, write_demo_report, write_json
 
     t_start = time.perf_counter()
     out = Path(out_dir).expanduser()
@@ -614,7 +614,7 @@ def run_demo(
                          f"choose from {list(DEMO_CATEGORIES)}")
     size = dict(DEMO_SIZES["quick" if quick else "default"])
     size.update({k: v for k, v in (sizes or {}).items() if v is not None})
-    planted_n = round(noise * size["n_train"])
+    planted_n = noise_count(noise, size["n_train"])
     if planted_n >= size["n_test_defect"]:
         raise UsageError(f"--noise {noise} plants {planted_n} images but the demo has only "
                          f"{size['n_test_defect']} defective test images per category; lower --noise")
@@ -662,9 +662,8 @@ def run_demo(
             row, prediction, masks = evaluate_split_detailed(model, noisy)
             cat_result["metrics"][MODEL_DISPLAY[kind]] = row
             if kind == DEMO_MODELS[0]:
-                _demo_flagged(cat_result, model, record, pictures / category, image_auroc, load_image)
-                _demo_cases(cat_result, model, prediction, noisy, pictures / category,
-                            colour_range, overlay, save_png, load_image, read_mask)
+                _demo_flagged(cat_result, model, record, pictures / category)
+                _demo_cases(cat_result, model, prediction, noisy, pictures / category)
             steps.update(1)
         results["categories"].append(cat_result)
         m0 = cat_result["metrics"]
@@ -689,7 +688,12 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def _demo_flagged(cat_result: dict, model: Any, record: Any, pic_dir: Path, image_auroc, load_image) -> None:
+def _demo_flagged(cat_result: dict, model: Any, record: Any, pic_dir: Path) -> None:
+    """Flagged training images of one category: score, planted or not, thumbnail."""
+    from .data.images import load_image
+    from .metrics import image_auroc
+    from .report import save_png
+
     report = model.training_report()
     scores = np.asarray(report.scores, dtype=np.float64)
     sources = list(report.sources) if getattr(report, "sources", None) else [None] * len(scores)
@@ -715,8 +719,12 @@ def _demo_flagged(cat_result: dict, model: Any, record: Any, pic_dir: Path, imag
     cat_result["flagged"] = items
 
 
-def _demo_cases(cat_result, model, prediction, split, pic_dir, colour_range, overlay, save_png, load_image,
-                read_mask) -> None:
+def _demo_cases(cat_result: dict, model: Any, prediction: Any, split: Any, pic_dir: Path) -> None:
+    """Overlays of the best and worst test cases of one category."""
+    from .data.datasets import read_mask
+    from .data.images import load_image
+    from .report import colour_range, overlay, save_png
+
     labels = np.array([s.label for s in split.test])
     scores = np.asarray(prediction.scores, dtype=np.float64)
     threshold = float(model.threshold)
@@ -765,18 +773,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ====================================================================== main
-def _configure_logging(verbose: bool, quiet: bool) -> None:
+def _configure_logging(verbose: bool, quiet: bool) -> tuple[logging.Handler, int]:
+    """Our handler on the root logger; returns what _restore_logging needs (main() may run
+    in-process, e.g. in tests, and must not leave handlers on a closed stream behind)."""
     level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING)
     fmt = "%(levelname)s %(name)s: %(message)s" if verbose else f"{PROG}: %(levelname)s: %(message)s"
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_softpatch_cli", False):
-            root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt))
-    handler._softpatch_cli = True  # type: ignore[attr-defined]
+    if verbose:
+        # PIL logs every PNG chunk at debug level: noise, not information about our run.
+        handler.addFilter(lambda record: not record.name.startswith("PIL."))
+    previous_level = root.level
     root.addHandler(handler)
     root.setLevel(level)
+    return handler, previous_level
+
+
+def _restore_logging(state: tuple[logging.Handler, int]) -> None:
+    handler, previous_level = state
+    root = logging.getLogger()
+    root.removeHandler(handler)
+    root.setLevel(previous_level)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -802,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     _record_given_sizes(args, argv)
-    _configure_logging(args.verbose, args.quiet)
+    logging_state = _configure_logging(args.verbose, args.quiet)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
@@ -819,6 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if args.verbose else " (run with -v for the traceback)"
         print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
         return 1
+    finally:
+        _restore_logging(logging_state)
 
 
 if __name__ == "__main__":

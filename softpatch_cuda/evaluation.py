@@ -89,12 +89,19 @@ def _safe_metric(name: str, fn, *args) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _set_progress(model: Any, progress: bool) -> None:
-    # Models take progress= at construction; a shown/hidden bar is a run-time choice here.
-    try:
-        model.progress = bool(progress)
-    except (AttributeError, TypeError):  # frozen / slotted models: keep their own setting
-        pass
+def set_progress(model: Any, progress: bool) -> None:
+    """Show or hide a model's own progress bars after construction (e.g. a loaded model
+    keeps the setting it was saved with)."""
+    if hasattr(model, "progress"):
+        try:
+            model.progress = bool(progress)
+            return
+        except (AttributeError, TypeError):  # read-only property
+            pass
+    # Our models keep it in their constructor config (no public setter yet).
+    config = getattr(model, "_config", None)
+    if isinstance(config, dict) and "progress" in config:
+        config["progress"] = bool(progress)
 
 
 def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
@@ -117,7 +124,7 @@ def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> t
     if not test:
         raise ValueError(f"split {split.category!r}: empty test set")
     from . import metrics
-    _set_progress(model, progress)
+    set_progress(model, progress)
 
     t0 = time.perf_counter()
     model.fit([s.path for s in train])

@@ -714,7 +714,9 @@ def _demo_flagged(cat_result: dict, model: Any, record: Any, pic_dir: Path) -> N
         thumb = None
         if sources[i]:
             thumb = str(save_png(pic_dir / f"flagged_{rank + 1:02d}.png", load_image(sources[i]), max_side=180))
-        items.append({"name": report.names[i], "source": sources[i], "score": float(scores[i]),
+        # file names repeat across folders (train/good/002.png, test/crack/002.png): show the folder too
+        name = f"{Path(sources[i]).parent.name}/{Path(sources[i]).name}" if sources[i] else report.names[i]
+        items.append({"name": name, "source": sources[i], "score": float(scores[i]),
                       "planted": bool(planted[i]), "thumbnail": thumb})
     cat_result["flagged"] = items
 

@@ -278,7 +278,7 @@ def test_demo_tiny(tmp_path, capsys):
         for item in c["flagged"]:
             assert item["planted"] == (item["source"] in c["noise_record"]["added"])
     assert set(data["mean"]) == {"SoftPatch+", "PatchCore"}
-    assert (out / "data" / cli.DEMO_MARKER).is_file()
+    assert (out / "data" / cli.DEMO_MARKER).is_file() and (out / "images" / cli.DEMO_MARKER).is_file()
 
 
 def test_demo_folder_is_rebuilt_only_when_ours(tmp_path):
@@ -290,7 +290,7 @@ def test_demo_folder_is_rebuilt_only_when_ours(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("x")
-    with pytest.raises(cli.UsageError, match="not a demo dataset folder"):
+    with pytest.raises(cli.UsageError, match="not a demo dataset folder written by"):
         cli._prepare_demo_folder(foreign)
     assert (foreign / "mine.txt").is_file()
 

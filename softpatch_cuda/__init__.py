@@ -18,6 +18,8 @@ except ImportError as exc:  # a source tree without its compiled module
     ) from exc
 from . import ops
 from ._core import CudaError
+from .models import PatchCore, SoftPatch, SoftPatchPlus, load_model
+from .results import Prediction, TrainingReport
 from .runtime import cuda_available, cuda_unavailable_reason, resolve_device
 
 try:
@@ -37,10 +39,16 @@ def build_info() -> dict:
 
 __all__ = [
     "CudaError",
+    "PatchCore",
+    "Prediction",
+    "SoftPatch",
+    "SoftPatchPlus",
+    "TrainingReport",
     "__version__",
     "build_info",
     "cuda_available",
     "cuda_unavailable_reason",
+    "load_model",
     "ops",
     "resolve_device",
 ]

@@ -181,6 +181,9 @@ class ImageBatch:
     pixels: torch.Tensor  # [B, 3, S, S] float32 normalised (CPU)
     names: list[str] = field(default_factory=list)
     sources: list[str | None] = field(default_factory=list)
+    # (height, width) of each original image before resize/crop: lets anomaly maps be
+    # put back onto the input (Prediction.map_at_input_size).
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -351,15 +354,19 @@ def iter_batches(images: Any, transform: ImageTransform, batch_size: int = 16) -
 
     def flush() -> ImageBatch:
         tensors = []
+        sizes = []
         for item, _, _ in pending:
             img = load_image(item) if isinstance(item, str) else item
+            sizes.append((int(img.height), int(img.width)))
             tensors.append(transform.image(img))
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise ValueError(
                 f"images of different sizes {sorted(shapes)} cannot be batched; set resize/crop"
             )
-        return ImageBatch(torch.stack(tensors), [n for _, n, _ in pending], [s for _, _, s in pending])
+        return ImageBatch(
+            torch.stack(tensors), [n for _, n, _ in pending], [s for _, _, s in pending], sizes
+        )
 
     for entry in _items(images):
         pending.append(entry)

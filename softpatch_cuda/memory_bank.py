@@ -1,0 +1,116 @@
+"""Memory bank: denoised greedy coreset of training patches, soft weights, k-NN scoring.
+
+ALGORITHM.md section 4. Coreset selection runs ``ops.kcenter_greedy_approx`` -- the
+PatchCore / SoftPatch reference's approximate start (every point's initial distance
+is its mean distance to 10 random points) -- on the 128-d projections; patches the
+noise discriminator removed get sample weight 0 and are never selected. The number
+of centres is ``ceil(coreset_ratio * kept patches)`` (the reference filters the
+outliers out first, then samples its percentage of what is left).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+logger = logging.getLogger(__name__)
+
+DISTANCES = ("l2", "squared_l2")
+
+
+@dataclass
+class MemoryBank:
+    """features [m, D]; weights [m] soft weights or None (PatchCore); source_image [m]
+    index of the training image each row came from (for leave-own-image-out scoring)."""
+
+    features: torch.Tensor
+    weights: torch.Tensor | None
+    source_image: torch.Tensor
+    distance: str = "l2"
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def to(self, device) -> "MemoryBank":
+        return MemoryBank(
+            self.features.to(device),
+            None if self.weights is None else self.weights.to(device),
+            self.source_image.to(device),
+            self.distance,
+        )
+
+    def score(self, queries: torch.Tensor, exclude_images: torch.Tensor | None = None) -> torch.Tensor:
+        """[q, D] -> [q] patch scores: distance to the nearest bank row, times its weight.
+
+        ``exclude_images``: bank rows from these training images are ignored (used to
+        score training images as if unseen, for the threshold calibration).
+        """
+        features, weights = self.features, self.weights
+        if exclude_images is not None:
+            keep = ~torch.isin(self.source_image, exclude_images.to(self.source_image.device))
+            if not bool(keep.any()):
+                raise ValueError("cannot score against an empty memory bank (every row excluded)")
+            features = features[keep]
+            weights = None if weights is None else weights[keep]
+        res = ops.knn(queries, features, 1, weights=weights, check_finite=False)
+        dist = res.distances[:, 0]
+        if self.distance == "squared_l2":
+            dist = dist * dist
+            return dist if weights is None else dist * weights[res.indices[:, 0]]
+        return dist if weights is None else res.scores
+
+
+def coreset_size(n_kept: int, ratio: float) -> int:
+    return max(1, min(n_kept, int(math.ceil(ratio * n_kept))))
+
+
+def build_bank(
+    embeddings: torch.Tensor,
+    projected: torch.Tensor,
+    image_index: torch.Tensor,
+    kept: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    coreset_ratio: float,
+    seed: int = 0,
+    distance: str = "l2",
+) -> tuple[MemoryBank, torch.Tensor]:
+    """Select the coreset and assemble the bank.
+
+    Args:
+        embeddings: [M, D] full patch embeddings (the bank stores these).
+        projected: [M, d] projections the coreset is selected on.
+        image_index: [M] training image of each patch.
+        kept: [M] bool, False for patches the denoising removed (None: all kept).
+        weights: [M] soft weights or None.
+        coreset_ratio: fraction of the kept patches to select (>= 1: all kept patches).
+
+    Returns:
+        (bank, selected patch indices [m] in selection order).
+    """
+    total = embeddings.shape[0]
+    if kept is None:
+        kept = torch.ones(total, dtype=torch.bool, device=embeddings.device)
+    n_kept = int(kept.sum())
+    if n_kept == 0:
+        raise ValueError("no training patch is left after denoising; lower the noise threshold")
+    if coreset_ratio >= 1.0:
+        selected = torch.nonzero(kept).flatten()
+    else:
+        m = coreset_size(n_kept, coreset_ratio)
+        sample_weight = kept.to(torch.float32) if n_kept < total else None
+        selected = ops.kcenter_greedy_approx(projected, m, n_anchors=10, seed=seed, sample_weight=sample_weight,
+                                             check_finite=False)
+        selected = torch.as_tensor(selected, device=embeddings.device)
+    logger.debug("memory bank: %d of %d patches (%d kept after denoising)", selected.numel(), total, n_kept)
+    bank = MemoryBank(
+        embeddings[selected].contiguous(),
+        None if weights is None else weights[selected].contiguous().to(torch.float32),
+        image_index[selected].contiguous(),
+        distance,
+    )
+    return bank, selected

@@ -1,0 +1,118 @@
+"""Result dataclasses: :class:`Prediction` (test images) and :class:`TrainingReport` (training images)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .postprocess import map_to_input_size
+
+
+@dataclass
+class Prediction:
+    """What :meth:`predict` returns.
+
+    Attributes:
+        names: image names (file names, or ``image_<i>`` for in-memory images).
+        scores: [N] float32 image anomaly scores (largest patch score).
+        threshold: the decision threshold used for ``is_anomalous``.
+        is_anomalous: [N] bool, ``scores > threshold``.
+        maps: [N, S, S] float32 anomaly maps in the model frame (after resize + centre
+            crop); compare with ``ImageTransform.mask(gt)``.
+        sources: file path of each image, None for in-memory images.
+        patch_scores: [N, h, w] float32 patch scores the maps are made from.
+        input_sizes: (height, width) of each original image.
+        resize, crop: the model's transform, to undo it in :meth:`map_at_input_size`.
+    """
+
+    names: list[str]
+    scores: np.ndarray
+    threshold: float
+    is_anomalous: np.ndarray
+    maps: np.ndarray
+    sources: list[str | None] = field(default_factory=list)
+    patch_scores: np.ndarray | None = None
+    input_sizes: list[tuple[int, int]] = field(default_factory=list)
+    resize: int | None = None
+    crop: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def map_at_input_size(self, i: int) -> np.ndarray:
+        """[H, W] float32: ``maps[i]`` put back onto the original image (crop border filled
+        with the map's edge values, resize undone bilinearly)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image index {i} out of range for a prediction of {len(self)} images")
+        if not self.input_sizes:
+            raise ValueError("this Prediction carries no input sizes; map_at_input_size is unavailable")
+        return map_to_input_size(self.maps[i], self.input_sizes[i], self.resize, self.crop)
+
+    def to_rows(self) -> list[dict]:
+        return [
+            {"name": n, "source": s, "score": float(sc), "is_anomalous": bool(a)}
+            for n, s, sc, a in zip(self.names, self._sources(), self.scores, self.is_anomalous)
+        ]
+
+    def _sources(self) -> list[str | None]:
+        return self.sources if self.sources else [None] * len(self.names)
+
+
+@dataclass
+class TrainingReport:
+    """Per training image: how contaminated it looks (ALGORITHM.md section 3, per image).
+
+    Attributes:
+        names, sources: the training images, in training order.
+        scores: [N] float32 contamination score: the mean of the image's top 5 % patch
+            outlier scores, each normalised so that a typical (kept) patch scores 1.
+        flagged: [N] bool, likely defective: ``score > threshold``.
+        threshold: ``median + 3 * 1.4826 * MAD`` of the scores (robust: a minority of
+            defective images does not move it).
+        removed_fraction: [N] float32 fraction of the image's patches excluded from the
+            memory bank (0 for PatchCore).
+    """
+
+    names: list[str]
+    sources: list[str | None]
+    scores: np.ndarray
+    flagged: np.ndarray
+    threshold: float
+    removed_fraction: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def top(self, n: int = 10) -> list[tuple[str, float]]:
+        """The ``n`` most contaminated-looking images, highest score first."""
+        order = np.argsort(-np.nan_to_num(self.scores, nan=-np.inf), kind="stable")[:n]
+        return [(self.names[i], float(self.scores[i])) for i in order]
+
+    def to_rows(self) -> list[dict]:
+        removed = self.removed_fraction if self.removed_fraction is not None else np.zeros(len(self.names))
+        sources = self.sources if self.sources else [None] * len(self.names)
+        return [
+            {
+                "name": n,
+                "source": s,
+                "score": float(sc),
+                "flagged": bool(f),
+                "removed_fraction": float(r),
+            }
+            for n, s, sc, f, r in zip(self.names, sources, self.scores, self.flagged, removed)
+        ]
+
+    def __str__(self) -> str:
+        rows = sorted(self.to_rows(), key=lambda r: -np.nan_to_num(r["score"], nan=-np.inf))
+        width = max([len("image")] + [len(r["name"]) for r in rows])
+        lines = [
+            f"TrainingReport: {len(rows)} images, {int(np.sum(self.flagged))} flagged "
+            f"(threshold {self.threshold:.4g})",
+            f"{'image':<{width}}  {'score':>9}  {'removed':>7}  flagged",
+        ]
+        for r in rows:
+            lines.append(
+                f"{r['name']:<{width}}  {r['score']:>9.4g}  {r['removed_fraction']:>7.1%}  {'yes' if r['flagged'] else ''}"
+            )
+        return "\n".join(lines)

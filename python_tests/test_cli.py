@@ -128,9 +128,11 @@ def test_missing_data_exits_2_with_one_line(tmp_path):
     ([], "required: COMMAND"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["fit", "{tmp}/img.txt", "--out", "{tmp}/m"], "is not an image file"),
+    (["fit", "{tmp}/a.png", "--out", "{tmp}/m", "--device", "tpu"], "--device"),
 ])
 def test_user_errors_exit_2(argv, fragment, tmp_path, capsys):
     (tmp_path / "img.txt").write_text("not an image")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2
     line = _one_error_line(capsys.readouterr().err)
@@ -146,6 +148,14 @@ def test_option_conflicts_are_usage_errors(tmp_path, capsys):
     assert "softpatch-plus only" in capsys.readouterr().err
     assert cli.main(["fit", str(img), "--out", str(tmp_path / "m"), "--weights", str(tmp_path / "w.pth")]) == 2
     assert "--weights file not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("softpatch_cuda").cuda_available(), reason="a usable GPU is present")
+def test_cuda_device_without_gpu_is_a_usage_error(tmp_path, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    assert cli.main(["fit", str(tmp_path / "a.png"), "--out", str(tmp_path / "m"), "--device", "cuda"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--device cuda" in line and "unavailable" in line
 
 
 def test_verbose_error_shows_traceback(tmp_path, capsys):

@@ -301,10 +301,23 @@ def _model_classes() -> dict[str, type]:
     return classes
 
 
+def _check_device(device: str) -> str:
+    """--device value checked now: a machine without a usable GPU is a usage error, not a crash."""
+    from .runtime import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:  # "cuda" requested, none usable: resolve_device says why
+        raise UsageError(f"--device {device}: {exc}") from exc
+    except ValueError as exc:
+        raise UsageError(f"--device: {exc}") from exc
+    return device
+
+
 def model_kwargs(args: argparse.Namespace) -> dict:
     """Constructor arguments from the model options; options not given keep the library defaults."""
     kind = args.model
-    kw: dict[str, Any] = {"device": args.device, "progress": _progress(args)}
+    kw: dict[str, Any] = {"device": _check_device(args.device), "progress": _progress(args)}
     simple = {"backbone": "backbone", "weights": "weights", "coreset_ratio": "coreset_ratio", "seed": "seed",
               "batch_size": "batch_size"}
     for attr, key in simple.items():
@@ -424,7 +437,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import load_model
     from .evaluation import set_progress
 
-    model = load_model(model_path, device=args.device)
+    model = load_model(model_path, device=_check_device(args.device))
     set_progress(model, False)  # our own bar below counts images over all chunks
     if args.threshold is not None:
         model.threshold = float(args.threshold)
@@ -767,7 +780,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     results = run_demo(
         args.out, categories=_split_list(args.categories), noise=args.noise, quick=args.quick,
-        device=args.device, seed=args.seed, pretrained=not args.no_pretrained, backbone=args.backbone,
+        device=_check_device(args.device), seed=args.seed, pretrained=not args.no_pretrained, backbone=args.backbone,
         layers=_split_list(args.layers), sizes=sizes, progress=_progress(args),
         log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)),
     )

@@ -485,6 +485,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_above_bars(text: str) -> None:
+    """A progress message that does not tear an active tqdm bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
 def _tqdm(**kw):
     from tqdm.auto import tqdm
 
@@ -782,7 +789,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.out, categories=_split_list(args.categories), noise=args.noise, quick=args.quick,
         device=_check_device(args.device), seed=args.seed, pretrained=not args.no_pretrained, backbone=args.backbone,
         layers=_split_list(args.layers), sizes=sizes, progress=_progress(args),
-        log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)),
+        log=(lambda s: None) if args.quiet else _print_above_bars,
     )
     names = results["models"]
     print("mean AUROC (image / pixel, %): " + "; ".join(

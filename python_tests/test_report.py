@@ -140,6 +140,10 @@ def test_training_report_rows_sorted_and_formatted():
     lines = text.splitlines()
     assert "b.png" in lines[3] and "yes" in lines[3] and "c.png" in lines[4]
     assert "a.png" not in text  # only the top 2
+    # repeated file names: paths relative to the shared folder
+    rep3 = FakeTrainingReport(["001.png", "001.png"], np.array([1.0, 2.0]), np.array([False, True]),
+                              sources=["/d/nut/train/good/001.png", "/d/nut/test/dent/001.png"])
+    assert [r["name"] for r in report.training_report_rows(rep3)] == ["test/dent/001.png", "train/good/001.png"]
     # no sources: still works
     rep2 = FakeTrainingReport(["x"], np.array([0.5]), np.array([False]))
     assert report.training_report_rows(rep2)[0]["source"] is None

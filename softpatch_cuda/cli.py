@@ -422,7 +422,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 # ====================================================================== predict
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data.images import load_image
-    from .report import colour_range, overlay, save_png, write_csv, write_json
+    from .report import colour_range, distinct_names, overlay, save_png, write_csv, write_json
 
     model_path = Path(args.model).expanduser()
     if not model_path.exists():
@@ -433,6 +433,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
     paths = _collect_images(args.images, args.recursive, "image path")
+    display = dict(zip(paths, distinct_names([Path(p).name for p in paths], paths)))
 
     from . import load_model
     from .evaluation import set_progress
@@ -457,12 +458,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for i, path in enumerate(chunk):
             score = float(prediction.scores[i])
             anomalous = bool(score > threshold)
-            row = {"name": Path(path).name, "path": path, "score": score, "threshold": threshold,
+            row = {"name": display[path], "path": path, "score": score, "threshold": threshold,
                    "verdict": "anomalous" if anomalous else "normal", "overlay": None}
             if not args.no_overlays:
                 image = load_image(path)
                 amap = np.asarray(prediction.map_at_input_size(i))
-                png = out / "overlays" / f"{_unique_stem(path, used)}.png"
+                png = out / "overlays" / f"{_unique_stem(display[path].replace('/', '_'), used)}.png"
                 save_png(png, overlay(image, amap, *vrange))
                 row["overlay"] = str(png)
             rows.append(row)

@@ -204,7 +204,7 @@ def training_report_rows(report: Any) -> list[dict]:
     scores = np.asarray(report.scores, dtype=np.float64)
     sources = list(getattr(report, "sources", None) or [None] * len(scores))
     flagged = np.asarray(report.flagged, dtype=bool)
-    names = _distinct_names(list(report.names), sources)
+    names = distinct_names(list(report.names), sources)
     order = np.argsort(-scores, kind="stable")
     return [
         {
@@ -218,7 +218,7 @@ def training_report_rows(report: Any) -> list[dict]:
     ]
 
 
-def _distinct_names(names: list[str], sources: list[str | None]) -> list[str]:
+def distinct_names(names: list[str], sources: list[str | None]) -> list[str]:
     """File names repeat across folders (train/good/001.png, test/dent/001.png): then show
     each file's path relative to the folder all of them share."""
     if len(set(names)) == len(names) or not sources or any(s is None for s in sources):

@@ -127,7 +127,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -170,7 +170,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pretrained", action="store_true",
                    help="random backbone weights (for smoke tests only: results are meaningless)")
     g.add_argument("--device", default="auto", help="auto (default: CUDA when usable), cpu, cuda, cuda:N")
-    g.add_argument("--coreset-ratio", type=_positive_float, metavar="F",
+    g.add_argument("--coreset-ratio", type=_finite_float, metavar="F",
                    help="fraction of training patches kept in the memory bank (default 0.1)")
     g.add_argument("--noise-threshold", type=_fraction, metavar="F",
                    help="fraction of most outlying training patches excluded from the bank "
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a model saved by 'softpatch fit'")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--threshold", type=_positive_float, metavar="X",
+    p.add_argument("--threshold", type=_finite_float, metavar="X",
                    help="decision threshold on image scores (default: the one stored in the model)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-overlays", action="store_true", help="skip the heatmap PNGs")

@@ -564,8 +564,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ====================================================================== demo
 DEMO_SIZES = {
     # The default demo (5 categories x 2 models, pretrained efficientnet_lite0, 128 px) used
-    # 111 s of CPU time in all (user + sys) on the project's 2-core CPU, i.e. well under the
-    # 3-minute budget on an otherwise idle machine; 160 px and 30 training images needed 210 s.
+    # 83-111 s of CPU time in all (user + sys) on the project's 2-core CPU, so it fits the
+    # 3-minute budget on an idle machine (160 px with 30 training images needed 210 s).
     "default": {"n_train": 24, "n_test_good": 8, "n_test_defect": 10, "image_size": 128},
     "quick": {"n_train": 12, "n_test_good": 5, "n_test_defect": 6, "image_size": 96},
 }

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common.h"
+#include "cpu_simd.h"
 #include "kcenter.h"
 #include "knn.h"
 #include "lof.h"
@@ -146,6 +147,12 @@ py::dict build_info() {
 #else
   info["openmp_max_threads"] = 1;
 #endif
+  // CPU distance kernels: instruction sets usable here, best first (the
+  // default; env SOFTPATCH_CPU_ISA picks another one at call time).
+  py::list isas;
+  for (auto isa : {sp::cpu::Isa::Avx512, sp::cpu::Isa::Avx2, sp::cpu::Isa::Scalar})
+    if (sp::cpu::isa_supported(isa)) isas.append(sp::cpu::isa_name(isa));
+  info["cpu_isas"] = isas;
   return info;
 }
 

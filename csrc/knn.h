@@ -14,6 +14,14 @@
 // are broken by the lower bank index, so results are deterministic.
 // tile_q / tile_m: tile sizes (0 = kernel default); exposed so tests can force
 // partial tiles.
+//
+// CPU: candidates are selected with the norm expansion on data centred on the
+// bank mean, keeping k + 8 per query; those are rechecked from the differences
+// (double accumulation) and re-sorted, so the returned distances are exact to
+// float32 rounding and near-ties mis-ordered by the expansion are restored.
+// Inputs must be finite (the Python wrapper checks); with NaN rows a query may
+// get fewer than k candidates: the missing slots are NaN / index -1 (and the
+// score NaN). Instruction set as for pairwise_sqdist_cpu (cpu_simd.h).
 #pragma once
 #include "common.h"
 

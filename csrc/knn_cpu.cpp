@@ -1,44 +1,241 @@
-// TEMPORARY naive implementation (to be replaced by the tiled kernel).
-#include <algorithm>
-#include <cmath>
-#include <numeric>
-#include <vector>
-
+// knn on the CPU: query x bank tiles through the shared distance-tile engine
+// (cpu_simd.h), a running top-k per query, never the q x m matrix.
+//
+// This file is compiled once per instruction set (see cpu_simd.h); the
+// portable copy also holds sp::knn_cpu, which dispatches at run time.
+//
+// Work split (OpenMP):
+//  * many bank tiles: threads take bank tiles dynamically and keep private
+//    top-k lists for every query (each bank tile is packed exactly once);
+//    the lists are merged at the end.
+//  * few bank tiles (small bank): the whole bank is packed once, shared, and
+//    threads take query tiles.
+// Exactness: each list keeps K = k + kExtra candidates by the expanded
+// distance; the final candidates (the k best and those within the expansion's
+// error bound of the k-th) are rechecked with exact differences in double,
+// re-sorted by (distance, index) and the first k returned. If even the K-th
+// candidate is inside that bound (rows far from the bank mean, distances far
+// below their norms), the query falls back to an exact scan of the bank. So
+// returned distances never suffer from the expansion's cancellation, and
+// near-ties it mis-ordered are put back in order.
 #include "knn.h"
 
-namespace sp {
+#include <algorithm>
+#include <cmath>
 
-void knn_cpu(const float* queries, index_t q, const float* bank, index_t m,
-             index_t d, index_t k, const float* weights, float* out_dist,
-             index_t* out_idx, float* out_score, index_t, index_t) {
-#pragma omp parallel
+#include "cpu_simd.h"
+#include "topk.h"
+
+namespace sp {
+namespace SP_ISA_NS {
+
+namespace {
+// Candidates kept per list beyond k, for the exact recheck.
+constexpr index_t kExtra = 8;
+// Relative error bound assumed for the expansion, times (|a| + |b|)^2 of the
+// centred rows: ~1000 float32 epsilons, a few times the worst case of the
+// chunked FMA sums (up to kKC + d / kKC terms).
+constexpr double kTol = 1.0 / 16384.0;
+
+// The k nearest rows of the whole bank by exact distance, ascending, ties to
+// the lower index, into cand[0, k) (fallback when the expansion cannot rank).
+void exact_scan(const float* qi, const float* bank, index_t m, index_t d, index_t k, Cand* cand) {
+  index_t n = 0;
+  for (index_t j = 0; j < m; ++j) {
+    const Cand c{exact_sqdist(qi, bank + j * d, d), j};
+    if (n == k && !(c.d2 < cand[k - 1].d2)) continue;
+    index_t pos = n < k ? n++ : k - 1;
+    while (pos > 0 && c.d2 < cand[pos - 1].d2) {
+      cand[pos] = cand[pos - 1];
+      --pos;
+    }
+    cand[pos] = c;
+  }
+}
+}  // namespace
+
+void knn(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
+         const float* weights, float* out_dist, index_t* out_idx, float* out_score,
+         index_t tile_q, index_t tile_m) {
+  const index_t TQ = tile_q > 0 ? round_up(tile_q, kMR) : kTQ;
+  const index_t TM = tile_m > 0 ? round_up(tile_m, kNR) : kTM;
+  const index_t K = imin(m, k + kExtra);
+  const Chunks ch(d);
+  const index_t n_btiles = (m + TM - 1) / TM, n_qtiles = (q + TQ - 1) / TQ;
+  const int threads = int(imax(1, imin(max_threads(), imax(n_btiles, n_qtiles))));
+  const bool bank_major = n_btiles >= 2 * index_t(threads) || n_qtiles < 2 * index_t(threads);
+  const int n_lists = bank_major ? threads : 1;
+
+  Buffer<float> mean_buf, list_dist, shared_pack, shared_bn;
+  Buffer<double> mean_acc;
+  Buffer<index_t> list_idx;
+  float* mean = mean_buf.get(size_t(d));
+  sample_mean(bank, m, d, threads, mean, mean_acc.get(size_t(d) * threads));
+  float* ld = list_dist.get(size_t(n_lists) * q * K);
+  index_t* li = list_idx.get(size_t(n_lists) * q * K);
+  // Every list starts empty (also those of threads the runtime may not start).
+#pragma omp parallel for num_threads(threads) schedule(static) if (n_lists * q * K > (1 << 16))
+  for (index_t i = 0; i < n_lists * q; ++i) TopK{ld + i * K, li + i * K, K}.reset();
+
+  // Few bank tiles: pack the whole bank once, shared by all threads.
+  float* spack = nullptr;
+  float* sbn = nullptr;
+  if (!bank_major) {
+    spack = shared_pack.get(size_t(n_btiles) * TM * d);
+    sbn = shared_bn.get(size_t(n_btiles) * TM);
+  }
+
+  // Per-thread scratch: packed query tile, its norms, the dot-product tile and
+  // (bank-major) the packed bank tile and its norms.
+  const index_t per_thread = Carve::size(TQ * d) + Carve::size(TQ) + Carve::size(TQ * TM) +
+                             (bank_major ? Carve::size(TM * d) + Carve::size(TM) : 0);
+  Buffer<float> scratch;
+  float* scratch0 = scratch.get(size_t(per_thread) * threads);
+  Buffer<Cand> cand_buf;
+  Cand* cand0 = cand_buf.get(size_t(threads) * n_lists * K);
+
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<float> dist(m);
-    std::vector<index_t> order(m);
+    Carve carve{scratch0 + index_t(thread_id()) * per_thread};
+    float* qpack = carve.take(TQ * d);
+    float* qn = carve.take(TQ);
+    float* cbuf = carve.take(TQ * TM);
+
+    if (bank_major) {
+      float* bpack = carve.take(TM * d);
+      float* bn = carve.take(TM);
+      const index_t list0 = index_t(thread_id()) * q * K;
+      // Tiles are handed out in increasing order, so each thread sees its bank
+      // rows in increasing index order (what TopK's tie rule needs).
+#pragma omp for schedule(dynamic, 1)
+      for (index_t bt = 0; bt < n_btiles; ++bt) {
+        const index_t j0 = bt * TM, cols = imin(TM, m - j0), cols_pad = round_up(cols, kNR);
+        pack_bank(bank + j0 * d, cols, d, mean, ch, bpack, bn);
+        for (index_t i0 = 0; i0 < q; i0 += TQ) {
+          const index_t rows = imin(TQ, q - i0), rows_pad = round_up(rows, kMR);
+          pack_queries(queries + i0 * d, rows, d, mean, qpack, qn);
+          tile_dots(qpack, rows_pad, bpack, cols_pad, ch, d, cbuf, TM);
+          for (index_t r = 0; r < rows; ++r) {
+            float* row = cbuf + r * TM;
+            dist_row(qn[r], bn, row, cols_pad, row);
+            TopK t{ld + list0 + (i0 + r) * K, li + list0 + (i0 + r) * K, K};
+            push_row(t, row, cols_pad, j0);
+          }
+        }
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (index_t bt = 0; bt < n_btiles; ++bt) {
+        const index_t j0 = bt * TM, cols = imin(TM, m - j0);
+        pack_bank(bank + j0 * d, cols, d, mean, ch, spack + bt * TM * d, sbn + bt * TM);
+      }  // implicit barrier: the packed bank is complete
+#pragma omp for schedule(dynamic, 1)
+      for (index_t qt = 0; qt < n_qtiles; ++qt) {
+        const index_t i0 = qt * TQ, rows = imin(TQ, q - i0), rows_pad = round_up(rows, kMR);
+        pack_queries(queries + i0 * d, rows, d, mean, qpack, qn);
+        for (index_t bt = 0; bt < n_btiles; ++bt) {
+          const index_t j0 = bt * TM, cols_pad = round_up(imin(TM, m - j0), kNR);
+          const float* bn = sbn + bt * TM;
+          tile_dots(qpack, rows_pad, spack + bt * TM * d, cols_pad, ch, d, cbuf, TM);
+          for (index_t r = 0; r < rows; ++r) {
+            float* row = cbuf + r * TM;
+            dist_row(qn[r], bn, row, cols_pad, row);
+            TopK t{ld + (i0 + r) * K, li + (i0 + r) * K, K};
+            push_row(t, row, cols_pad, j0);
+          }
+        }
+      }
+    }
+  }
+
+  // Merge the lists, recheck the K best exactly, keep k.
+#pragma omp parallel num_threads(threads)
+  {
+    Cand* cand = cand0 + index_t(thread_id()) * n_lists * K;
 #pragma omp for schedule(static)
     for (index_t i = 0; i < q; ++i) {
+      index_t n = 0;
+      for (int l = 0; l < n_lists; ++l) {
+        const float* dl = ld + (index_t(l) * q + i) * K;
+        const index_t* il = li + (index_t(l) * q + i) * K;
+        for (index_t t = 0; t < K && il[t] >= 0; ++t) cand[n++] = Cand{double(dl[t]), il[t]};
+      }
+      const index_t keep = imin(K, n);
+      if (n_lists > 1) std::partial_sort(cand, cand + keep, cand + n);
       const float* qi = queries + i * d;
-      for (index_t j = 0; j < m; ++j) {
-        const float* bj = bank + j * d;
-        float s = 0.f;
-        for (index_t t = 0; t < d; ++t) {
-          float u = qi[t] - bj[t];
-          s += u * u;
-        }
-        dist[j] = s;
+      // Only candidates within twice the expansion's error of the k-th can
+      // trade places with it. The error is below ~kTol (|a| + |b|)^2 (centred
+      // rows), and |a| + |b| <= 2 |a| + dist by the triangle inequality.
+      index_t check = keep;
+      bool complete = true;  // the candidates surely hold the true k nearest
+      if (keep > k) {
+        const double kth = cand[k - 1].d2;
+        const double scale = 2.0 * std::sqrt(double(centred_sqnorm(qi, mean, d))) + std::sqrt(kth);
+        const double limit = kth + 2.0 * kTol * scale * scale;
+        check = k;
+        while (check < keep && cand[check].d2 <= limit) ++check;
+        // Every kept candidate is inside the error window, so rows that were
+        // not kept might belong to the k nearest (rows far from the bank mean
+        // whose distances are far below their norms): scan exactly.
+        complete = check < keep || keep == m;
       }
-      std::iota(order.begin(), order.end(), index_t(0));
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](index_t x, index_t y) {
-                          return dist[x] < dist[y] || (dist[x] == dist[y] && x < y);
-                        });
+      if (complete) {
+        for (index_t t = 0; t < check; ++t) cand[t].d2 = exact_sqdist(qi, bank + cand[t].j * d, d);
+        std::sort(cand, cand + check);
+      } else {
+        exact_scan(qi, bank, m, d, k, cand);
+      }
+      // Fewer than k candidates only happens with NaN inputs (which never
+      // compare below a threshold) when the caller skipped the finiteness
+      // check: fill with NaN / -1 rather than reading past the list.
+      const float nan = std::numeric_limits<float>::quiet_NaN();
       for (index_t t = 0; t < k; ++t) {
-        out_idx[i * k + t] = order[t];
-        out_dist[i * k + t] = std::sqrt(std::max(dist[order[t]], 0.f));
+        out_dist[i * k + t] = t < keep ? float(std::sqrt(cand[t].d2)) : nan;
+        out_idx[i * k + t] = t < keep ? cand[t].j : -1;
       }
-      if (weights && out_score) out_score[i] = out_dist[i * k] * weights[order[0]];
+      if (weights && out_score) out_score[i] = keep > 0 ? out_dist[i * k] * weights[cand[0].j] : nan;
     }
   }
 }
+
+}  // namespace SP_ISA_NS
+
+// ---------------------------------------------------------------- dispatch
+#ifdef SP_CPU_DISPATCH
+#if SP_CPU_HAVE_AVX2
+namespace cpu_avx2 {
+void knn(const float*, index_t, const float*, index_t, index_t, index_t, const float*, float*,
+         index_t*, float*, index_t, index_t);
+}
+#endif
+#if SP_CPU_HAVE_AVX512
+namespace cpu_avx512 {
+void knn(const float*, index_t, const float*, index_t, index_t, index_t, const float*, float*,
+         index_t*, float*, index_t, index_t);
+}
+#endif
+
+void knn_cpu(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
+             const float* weights, float* out_dist, index_t* out_idx, float* out_score,
+             index_t tile_q, index_t tile_m) {
+  SP_CHECK_ARG(q >= 1 && m >= 1 && d >= 1, "knn: empty input");
+  SP_CHECK_ARG(k >= 1 && k <= m, "knn: k must be in [1, m]");
+  switch (cpu::active_isa()) {
+#if SP_CPU_HAVE_AVX512
+    case cpu::Isa::Avx512:
+      return cpu_avx512::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
+                             tile_q, tile_m);
+#endif
+#if SP_CPU_HAVE_AVX2
+    case cpu::Isa::Avx2:
+      return cpu_avx2::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
+                           tile_q, tile_m);
+#endif
+    default:
+      return cpu_scalar::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
+                             tile_q, tile_m);
+  }
+}
+#endif  // SP_CPU_DISPATCH
 
 }  // namespace sp

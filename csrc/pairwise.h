@@ -6,6 +6,13 @@
 // Accumulation in float32 (the ||a||^2 + ||b||^2 - 2 a.b expansion is allowed;
 // results are clamped at 0 so duplicates give exactly-or-nearly 0, never < 0).
 // B >= 1, n >= 1, m >= 1, d >= 1 are guaranteed by the Python wrapper.
+//
+// CPU: the expansion runs on data centred on b's column mean (per batch), and
+// values below 2^-10 of the centred squared norms are recomputed from the
+// differences (double accumulation), so duplicates give exactly 0 and small
+// distances keep their relative accuracy. Instruction set picked at run time
+// (AVX-512 / AVX2+FMA / portable; env SOFTPATCH_CPU_ISA overrides, see
+// cpu_simd.h); throws std::invalid_argument for a bad override.
 #pragma once
 #include "common.h"
 

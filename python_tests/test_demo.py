@@ -42,7 +42,7 @@ def test_mvtec_layout(dataset):
     assert sorted(p.name for p in dataset.iterdir()) == sorted(DEMO_CATEGORIES)
     for cat in DEMO_CATEGORIES:
         cat_dir = dataset / cat
-        assert sorted(p.name for p in cat_dir.iterdir()) == ["ground_truth", "test", "train"]
+        assert sorted(p.name for p in cat_dir.iterdir()) == [demo.MARKER_NAME, "ground_truth", "test", "train"]
         assert [p.name for p in (cat_dir / "train").iterdir()] == ["good"]
         assert sorted(p.name for p in (cat_dir / "train" / "good").iterdir()) == ["000.png", "001.png", "002.png"]
         assert sorted(p.name for p in (cat_dir / "test" / "good").iterdir()) == ["000.png", "001.png"]
@@ -123,9 +123,9 @@ def test_objects_are_aligned_textures_are_not():
         return np.array([np.corrcoef(grey[0].ravel(), g.ravel())[0, 1] for g in grey[1:]])
 
     for category in demo.DEMO_OBJECTS:
-        assert correlations(category).min() > 0.8, category
+        assert correlations(category).min() > 0.6, category
     for category in demo.DEMO_TEXTURES:
-        assert np.abs(correlations(category)).max() < 0.5, category
+        assert np.abs(correlations(category)).max() < 0.35, category
 
 
 def test_rerun_replaces_previous_images_and_keeps_other_files(tmp_path):
@@ -133,9 +133,22 @@ def test_rerun_replaces_previous_images_and_keeps_other_files(tmp_path):
     note = tmp_path / "brick" / "train" / "good" / "notes.txt"
     note.write_text("mine")
     make_demo_dataset(tmp_path, categories="brick", n_train=2, n_test_good=1, n_test_defect=2, image_size=32)
-    assert sorted(p.name for p in (tmp_path / "brick" / "train" / "good").iterdir()) == ["000.png", "001.png", "notes.txt"]
+    train = sorted(p.name for p in (tmp_path / "brick" / "train" / "good").iterdir())
+    assert train == ["000.png", "001.png", "notes.txt"]
     assert sorted(p.name for p in (tmp_path / "brick" / "test").iterdir()) == ["crack", "good", "scratch"]
     assert sorted(p.name for p in (tmp_path / "brick" / "ground_truth").iterdir()) == ["crack", "scratch"]
+
+
+def test_never_touches_images_it_did_not_write(tmp_path):
+    """E.g. root pointed at a real MVTec AD folder, which has a "capsule" category."""
+    theirs = tmp_path / "capsule" / "train" / "good" / "000.png"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"real data")
+    with pytest.raises(FileExistsError, match="did not write"):
+        make_demo_dataset(tmp_path, categories=["nut", "capsule"], n_train=1, n_test_good=1, n_test_defect=1,
+                          image_size=32)
+    assert theirs.read_bytes() == b"real data"
+    assert not (tmp_path / "nut").exists()  # checked before anything was written
 
 
 def test_small_images(tmp_path):

@@ -75,7 +75,13 @@ def pairwise_sqdist(a: Any, b: Any, *, allow_tf32: bool = False, check_finite: b
         allow_tf32: on CUDA, let float32 inputs use TF32 tensor cores.
 
     Returns:
-        [n, m] (or [B, n, m]) float32 distances, clamped at 0.
+        [n, m] (or [B, n, m]) float32 distances, clamped at 0. On the CPU, values
+        that are small next to the squared norms are recomputed from the
+        differences, so duplicate rows give exactly 0.
+
+    The CPU kernel picks AVX-512, AVX2+FMA or portable code from the CPU at run
+    time; the environment variable ``SOFTPATCH_CPU_ISA=avx512|avx2|scalar``
+    forces one (``softpatch_cuda.build_info()["cpu_isas"]`` lists those usable).
 
     Example:
         >>> import numpy as np
@@ -143,7 +149,9 @@ def knn(
 
     Returns:
         :class:`KnnResult` (distances [q, k'], indices [q, k'] int64, scores [q] or None),
-        with k' = min(k, m).
+        with k' = min(k, m). On the CPU the returned distances are recomputed from
+        the differences (not the norm expansion), so they are accurate even for
+        near-duplicates; the instruction set is chosen as in :func:`pairwise_sqdist`.
     """
     op = "knn"
     Q = _validate(op, "queries", queries, (2,), _HALF_OK, check_finite)

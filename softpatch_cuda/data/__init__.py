@@ -31,10 +31,13 @@ from .datasets import (
     load_visa,
     read_mask,
 )
+from .demo import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
 from .noise import NoiseRecord, apply_noise, apply_noise_record
 
 __all__ = [
     "BTAD_CATEGORIES",
+    "DEMO_CATEGORIES",
+    "DEMO_DEFECT_TYPES",
     "MVTEC_CATEGORIES",
     "VISA_CATEGORIES",
     "DatasetSplit",
@@ -43,6 +46,7 @@ __all__ = [
     "apply_noise",
     "apply_noise_record",
     "list_categories",
+    "make_demo_dataset",
     "load_btad",
     "load_dataset",
     "load_folder",

@@ -5,9 +5,10 @@ Two kinds of category:
 * textures ("brick", "grass", "gravel"): random crops of the real photographs that
   scikit-image ships inside its wheel (no download), lightly tinted, with synthetic
   scratches, cracks, stains and pasted foreign material;
-* aligned objects ("nut", "chip"): an object rendered by code at nearly the same pose
-  in every image (shifts of a few pixels, a tiny rotation, lighting changes, sensor
-  noise), with missing parts, dents, contamination, bent pins, solder bridges...
+* aligned objects ("nut", "chip", "capsule"): an object rendered by code at nearly the
+  same pose in every image (shifts of a few pixels, a tiny rotation, lighting changes,
+  sensor noise), with missing parts, dents, contamination, bent pins, solder bridges,
+  cracks, faulty imprints...
 
 Every defect is applied to a copy of the defect-free picture, so the ground-truth
 mask is exact: the pixels that changed by more than a small tolerance. Output is
@@ -16,6 +17,7 @@ byte-identical for a seed; nothing large lives in the repository.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,7 +36,7 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 DEMO_TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")
-DEMO_OBJECTS: tuple[str, ...] = ("nut", "chip")
+DEMO_OBJECTS: tuple[str, ...] = ("nut", "chip", "capsule")
 DEMO_CATEGORIES: tuple[str, ...] = DEMO_TEXTURES + DEMO_OBJECTS
 
 TEXTURE_DEFECTS: tuple[str, ...] = ("scratch", "crack", "stain", "foreign_material")
@@ -42,6 +44,7 @@ DEMO_DEFECT_TYPES: dict[str, tuple[str, ...]] = {
     **{name: TEXTURE_DEFECTS for name in DEMO_TEXTURES},
     "nut": ("chipped", "dent", "contamination", "scratch"),
     "chip": ("missing_pin", "bent_pin", "solder_bridge", "contamination", "scratch"),
+    "capsule": ("crack", "squeeze", "poke", "faulty_imprint"),
 }
 
 MIN_IMAGE_SIZE = 32
@@ -175,25 +178,28 @@ def _sensor_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator
 # ============================================================================ textures
 # Tint ramps (dark colour, light colour) applied to the grey photographs; brick is
 # anisotropic (courses run horizontally, perspective), so it is never rotated.
+_OIL, _RUST, _CHALK = (0.22, 0.18, 0.14), (0.62, 0.32, 0.12), (1.00, 1.00, 0.97)
+_STEEL_CHIPS = ((0.10, 0.10, 0.12), (0.70, 0.72, 0.80))
+_STRAW = ((0.25, 0.12, 0.02), (0.95, 0.75, 0.35))
+_RUBBER = ((0.02, 0.02, 0.02), (0.45, 0.42, 0.40))
+_FIBRE = ((0.20, 0.05, 0.15), (0.90, 0.55, 0.80))
+# Tint ramps (dark, light colour) for the grey photographs; brick is anisotropic (courses
+# run horizontally, perspective), so it is never rotated. Each material has a couple of
+# characteristic stains and foreign materials (photograph, tint) -- as a production line
+# has its own failure modes -- so defects of a type look alike across images, which is
+# what makes defective images in the training set harmful for plain PatchCore.
 _TEXTURES: dict[str, dict] = {
-    "brick": dict(dark=(0.16, 0.07, 0.05), light=(0.98, 0.74, 0.62), isotropic=False, window=0.5),
-    "grass": dict(dark=(0.05, 0.10, 0.02), light=(0.78, 0.92, 0.50), isotropic=True, window=0.5),
-    "gravel": dict(dark=(0.10, 0.09, 0.08), light=(0.95, 0.92, 0.86), isotropic=True, window=0.42),
+    "brick": dict(dark=(0.16, 0.07, 0.05), light=(0.98, 0.74, 0.62), isotropic=False, window=0.5,
+                  stains=(_OIL, _CHALK), foreign=(("gravel", _STEEL_CHIPS), ("moon", _RUBBER))),
+    "grass": dict(dark=(0.05, 0.10, 0.02), light=(0.78, 0.92, 0.50), isotropic=True, window=0.5,
+                  stains=(_CHALK, _RUST), foreign=(("gravel", _STRAW), ("brick", _FIBRE))),
+    "gravel": dict(dark=(0.10, 0.09, 0.08), light=(0.95, 0.92, 0.86), isotropic=True, window=0.42,
+                   stains=(_RUST, _OIL), foreign=(("grass", _STRAW), ("ihc", _FIBRE))),
 }
-# Colours that foreign material gets tinted with (another material than the host).
-_FOREIGN_TINTS = (
-    ((0.10, 0.10, 0.12), (0.70, 0.72, 0.80)),  # bluish grey (metal chips)
-    ((0.25, 0.12, 0.02), (0.95, 0.75, 0.35)),  # sawdust / straw
-    ((0.02, 0.02, 0.02), (0.45, 0.42, 0.40)),  # dark rubber / coal
-    ((0.20, 0.05, 0.15), (0.90, 0.55, 0.80)),  # dyed fibre
-)
-_STAIN_COLOURS = (
-    (0.22, 0.18, 0.14),  # oil
-    (0.62, 0.32, 0.12),  # rust
-    (0.18, 0.24, 0.55),  # ink
-    (0.85, 0.78, 0.30),  # resin / yellow
-    (1.00, 1.00, 0.97),  # bleach / chalk (lightens)
-)
+
+
+def _jitter_colour(colour: tuple, rng: np.random.Generator, amount: float = 0.03) -> Array:
+    return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32), 0, 1)
 
 
 @lru_cache(maxsize=None)
@@ -229,8 +235,9 @@ def _sample_crop(source: Array, size: int, window: float, angle: float, flip: bo
         a, d = -a, -d
     c = cx - (a * size / 2 + b * size / 2)
     f = cy - (d * size / 2 + e * size / 2)
-    img = Image.fromarray(np.ascontiguousarray(source), mode="F")
-    out = img.transform((size, size), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR)
+    img = Image.fromarray(np.ascontiguousarray(source, dtype=np.float32))  # float32 -> mode "F"
+    out = img.transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                        resample=Image.Resampling.BILINEAR)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -281,13 +288,16 @@ def _scratch(img: Array, rng: np.random.Generator, coverage: Array | None = None
     return img * (1 - a) + target * a
 
 
-def _crack(img: Array, rng: np.random.Generator) -> Array:
-    """Dark jagged line with tapering width and 1-3 branches, and a faint dark halo."""
+def _crack(img: Array, rng: np.random.Generator, coverage: Array | None = None, centre: Array | None = None,
+           unit: float | None = None, length_range: tuple[float, float] = (0.25, 0.5)) -> Array:
+    """Dark jagged line with tapering width and 1-3 branches, and a faint dark halo.
+    Lengths are fractions of 224 * unit pixels (unit = image side / 224 by default)."""
     size = img.shape[0]
-    unit = size / 224.0
-    length = rng.uniform(0.25, 0.5) * size
+    unit = size / 224.0 if unit is None else unit
+    length = rng.uniform(*length_range) * 224 * unit
     angle = rng.uniform(0, 2 * np.pi)
-    centre = _defect_centre(size, rng)
+    if centre is None:
+        centre = _defect_centre(size, rng)
     start = centre - 0.5 * length * np.array([np.cos(angle), np.sin(angle)])
     main = _curve_points(start, angle, length, 24, 0.35, rng)
     base_width = rng.uniform(2.0, 3.5) * unit
@@ -301,22 +311,23 @@ def _crack(img: Array, rng: np.random.Generator) -> Array:
         strokes.append((branch, base_width * taper[i] * np.linspace(0.8, 0.3, len(branch) - 1)))
     alpha = _stroke_alpha(size, strokes)
     halo = ndimage.gaussian_filter(alpha, 1.5 * unit)
-    darkening = np.clip(0.85 * alpha + 0.25 * halo, 0, 0.92)[..., None]
-    return img * (1 - darkening)
+    darkening = np.clip(0.85 * alpha + 0.25 * halo, 0, 0.92)
+    if coverage is not None:
+        darkening = darkening * coverage
+    return img * (1 - darkening[..., None])
 
 
-def _stain(img: Array, rng: np.random.Generator, coverage: Array | None = None,
-           radius_range: tuple[float, float] = (0.06, 0.14)) -> Array:
-    """Translucent coloured blob with blurred edges (oil, rust, ink, resin, bleach)."""
+def _stain(img: Array, category: str, rng: np.random.Generator, radius_range: tuple[float, float] = (0.06, 0.14)
+           ) -> Array:
+    """Translucent coloured blob with blurred edges (oil, rust, resin, chalk)."""
     size = img.shape[0]
     unit = size / 224.0
     radius = rng.uniform(*radius_range) * size
     alpha = _blob_alpha(size, _defect_centre(size, rng), radius, 2.0, rng, roughness=0.45)
     alpha = ndimage.gaussian_filter(alpha, rng.uniform(1.5, 4.0) * unit)
     alpha *= np.clip(0.8 + 0.2 * _smooth_field((size, size), 4 * unit, rng), 0, 1)
-    if coverage is not None:
-        alpha *= coverage
-    colour = np.asarray(_STAIN_COLOURS[int(rng.integers(len(_STAIN_COLOURS)))], np.float32)
+    stains = _TEXTURES[category]["stains"]
+    colour = _jitter_colour(stains[int(rng.integers(len(stains)))], rng)
     a = (alpha * rng.uniform(0.65, 0.9))[..., None]
     stained = img * colour * 0.6 + colour * 0.4  # keeps some of the texture under the stain
     return img * (1 - a) + stained * a
@@ -327,15 +338,14 @@ def _foreign_material(img: Array, category: str, rng: np.random.Generator) -> Ar
     soft-edged irregular mask."""
     size = img.shape[0]
     unit = size / 224.0
-    others = [name for name in DEMO_TEXTURES if name != category] + ["moon", "ihc"]
-    source_name = others[int(rng.integers(len(others)))]
+    options = _TEXTURES[category]["foreign"]
+    source_name, (dark, light) = options[int(rng.integers(len(options)))]
     source = _photo(source_name)
-    window = source.shape[0] * rng.uniform(0.25, 0.6)
+    window = source.shape[0] * rng.uniform(0.3, 0.45)
     patch = _sample_crop(source, size, window, rng.uniform(0, 2 * np.pi), bool(rng.integers(2)), rng)
     lo, hi = np.percentile(patch, [2, 98])
     patch = (patch - lo) / max(hi - lo, 1e-3)  # full contrast, whatever the source
-    dark, light = _FOREIGN_TINTS[int(rng.integers(len(_FOREIGN_TINTS)))]
-    patch_rgb = _tint(patch, dark, light)
+    patch_rgb = _tint(patch, _jitter_colour(dark, rng), _jitter_colour(light, rng))
     alpha = _blob_alpha(size, _defect_centre(size, rng), rng.uniform(0.05, 0.11) * size,
                         rng.uniform(1.0, 2.5) * unit, rng, roughness=0.5)
     a = alpha[..., None]
@@ -353,7 +363,7 @@ def _texture_sample(category: str, defect_type: str | None, size: int, rng: np.r
         apply: Callable[[Array], Array] = {
             "scratch": lambda x: _scratch(x, rng),
             "crack": lambda x: _crack(x, rng),
-            "stain": lambda x: _stain(x, rng),
+            "stain": lambda x: _stain(x, category, rng),
             "foreign_material": lambda x: _foreign_material(x, category, rng),
         }[defect_type]
 
@@ -487,12 +497,13 @@ _NUT_FACE = 0.93 * _NUT_APOTHEM   # flat circular top face (the chamfer cuts the
 _NUT_HOLE = 0.47 * _NUT_APOTHEM
 _NUT_SINK = _NUT_HOLE + 0.035     # countersink ring around the hole
 _NUT_LIGHT = -2.3                 # light from the upper left (radians, image y down)
-_NUT_CONTAMINANTS = ((0.12, 0.09, 0.06), (0.55, 0.28, 0.10), (0.85, 0.82, 0.74), (0.20, 0.30, 0.10))
+_NUT_CONTAMINANTS = ((0.12, 0.09, 0.06),)  # grease
 
 
 def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
     if defect_type == "chipped":
-        ang = math.pi / 6 + int(rng.integers(6)) * math.pi / 3  # hexagon corners (flat top/bottom)
+        # the two corners that hit the feeder rail: the failure recurs at the same place
+        ang = math.pi / 6 + int(rng.choice([0, 3])) * math.pi / 3  # hexagon corners (flat top/bottom)
         corner = _NUT_APOTHEM / math.cos(math.pi / 6)
         centre = corner * rng.uniform(0.9, 1.0) * np.array([math.cos(ang), math.sin(ang)])
         radius = float(rng.uniform(0.035, 0.06))
@@ -507,14 +518,15 @@ def _nut_defect(defect_type: str, rng: np.random.Generator) -> dict:
         return dict(kind="dent", centre=0.98 * edge_r * direction, direction=direction,
                     depth=float(rng.uniform(0.01, 0.02)), sigma=sigma, roi=(0.98 * edge_r * direction, 3.5 * sigma))
     if defect_type == "contamination":
-        colour = _NUT_CONTAMINANTS[int(rng.integers(len(_NUT_CONTAMINANTS)))]
+        colour = _jitter_colour(_NUT_CONTAMINANTS[int(rng.integers(len(_NUT_CONTAMINANTS)))], rng)
         centre, radius = _object_point(rng, _NUT_SINK, 0.95 * _NUT_APOTHEM), float(rng.uniform(0.018, 0.04))
         return dict(kind="contamination", centre=centre, radius=radius, colour=colour,
                     opacity=float(rng.uniform(0.45, 0.8)), seed=int(rng.integers(2**31)),
                     roi=(centre, 1.9 * radius + 0.015))
     if defect_type == "scratch":
         centre = _object_point(rng, _NUT_SINK + 0.02, 0.85 * _NUT_APOTHEM)
-        return dict(kind="scratch", centre=centre, length=(0.12, 0.3), strength=(0.45, 0.8), seed=int(rng.integers(2**31)),
+        return dict(kind="scratch", centre=centre, length=(0.12, 0.3), strength=(0.45, 0.8),
+                    seed=int(rng.integers(2**31)),
                     roi=(centre, 0.5 * 0.3 + 0.03))
     raise ValueError(defect_type)
 
@@ -592,7 +604,7 @@ _CHIP_PIN_LEN = 0.06
 _CHIP_PAD_HALF_W = 0.36 * _CHIP_PITCH
 _CHIP_SOLDER = (0.80, 0.80, 0.76)
 _CHIP_LIGHT = -2.2
-_CHIP_CONTAMINANTS = ((0.75, 0.55, 0.15), (0.65, 0.65, 0.62), (0.05, 0.04, 0.03))
+_CHIP_CONTAMINANTS = ((0.75, 0.55, 0.15),)  # flux residue
 
 
 @lru_cache(maxsize=1)
@@ -624,6 +636,8 @@ def _side_point(side: int, s: float, t: float) -> Array:
 
 def _chip_defect(defect_type: str, rng: np.random.Generator) -> dict:
     side, pin = int(rng.integers(4)), int(rng.integers(_CHIP_PINS))
+    if defect_type in ("missing_pin", "bent_pin"):
+        pin = int(rng.choice([0, _CHIP_PINS - 1]))  # corner pins: the ones handling damages
     pin_t = -_CHIP_PIN_SPAN + pin * _CHIP_PITCH
     pin_centre = _side_point(side, _CHIP_BODY + 0.5 * _CHIP_PIN_LEN, pin_t)
     if defect_type == "missing_pin":
@@ -637,14 +651,15 @@ def _chip_defect(defect_type: str, rng: np.random.Generator) -> dict:
         return dict(kind="solder_bridge", side=side, pin=pin, seed=int(rng.integers(2**31)), roi=(centre, 0.05))
     if defect_type == "contamination":
         reach = _CHIP_BODY + _CHIP_PIN_LEN
-        colour = _CHIP_CONTAMINANTS[int(rng.integers(len(_CHIP_CONTAMINANTS)))]
+        colour = _jitter_colour(_CHIP_CONTAMINANTS[int(rng.integers(len(_CHIP_CONTAMINANTS)))], rng)
         centre, radius = rng.uniform(-reach, reach, 2), float(rng.uniform(0.02, 0.045))
         return dict(kind="contamination", centre=centre, radius=radius, colour=colour,
                     opacity=float(rng.uniform(0.6, 0.85)), seed=int(rng.integers(2**31)),
                     roi=(centre, 1.9 * radius + 0.015))
     if defect_type == "scratch":
         centre = rng.uniform(-0.6, 0.6, 2) * _CHIP_BODY
-        return dict(kind="scratch", centre=centre, length=(0.1, 0.25), strength=(0.6, 0.9), seed=int(rng.integers(2**31)),
+        return dict(kind="scratch", centre=centre, length=(0.1, 0.25), strength=(0.6, 0.9),
+                    seed=int(rng.integers(2**31)),
                     roi=(centre, 0.5 * 0.25 + 0.03))
     raise ValueError(defect_type)
 
@@ -752,9 +767,131 @@ def _render_chip(size: int, defect: dict | None, window: Window | None = None) -
     return img.astype(np.float32), grain
 
 
+# ---------------------------------------------------------------------------- capsule
+_CAPSULE_HALF = 0.2               # half length of the straight part
+_CAPSULE_R = 0.115                # shell radius
+_CAPSULE_SEAM = 0.03              # the cap (left) overlaps the body up to here
+_CAPSULE_CAP_R = _CAPSULE_R + 0.005
+_CAPSULE_LIGHT = np.array([-0.35, -0.55, 0.76])  # unit vector, image y down, z towards the camera
+_CAPSULE_PRINT_DOT = 0.011
+_CAPSULE_PRINT_U = 0.09           # left edge of the imprint (on the ivory body)
+
+
+def _capsule_sdf(u: Array, v: Array, radius: float) -> Array:
+    return np.hypot(u - np.clip(u, -_CAPSULE_HALF, _CAPSULE_HALF), v) - radius
+
+
+def _capsule_defect(defect_type: str, rng: np.random.Generator) -> dict:
+    if defect_type == "squeeze":
+        side = float(rng.choice([-1.0, 1.0]))
+        centre = np.array([rng.uniform(-0.4, 0.4) * _CAPSULE_HALF, side * _CAPSULE_R])  # gripper marks
+        sigma = float(rng.uniform(0.03, 0.05))
+        return dict(kind="squeeze", centre=centre, direction=np.array([0.0, side]), sigma=sigma,
+                    depth=float(rng.uniform(0.012, 0.022)), roi=(centre, 3.5 * sigma))
+    if defect_type == "poke":
+        centre = np.array([rng.uniform(-1.1, 1.1) * _CAPSULE_HALF, rng.uniform(-0.55, 0.55) * _CAPSULE_R])
+        sigma = float(rng.uniform(0.009, 0.015))
+        return dict(kind="poke", centre=centre, sigma=sigma, roi=(centre, 4 * sigma))
+    if defect_type == "crack":
+        centre = np.array([rng.uniform(-1.0, 1.0) * _CAPSULE_HALF, rng.uniform(-0.5, 0.5) * _CAPSULE_R])
+        return dict(kind="crack", centre=centre, length=(0.06, 0.14), seed=int(rng.integers(2**31)),
+                    roi=(centre, 0.5 * 0.14 + 0.04))
+    if defect_type == "faulty_imprint":
+        width = 4 * 4 * _CAPSULE_PRINT_DOT
+        centre = np.array([_CAPSULE_PRINT_U + rng.uniform(0.1, 0.9) * width, rng.uniform(-0.02, 0.02)])
+        return dict(kind="faulty_imprint", centre=centre, radius=float(rng.uniform(0.018, 0.035)),
+                    smear=bool(rng.random() < 0.5), seed=int(rng.integers(2**31)), roi=(centre, 0.09))
+    raise ValueError(defect_type)
+
+
+def _render_capsule(size: int, defect: dict | None, window: Window | None = None) -> tuple[Array, Array]:
+    """Two-tone gelatin capsule (red cap, ivory body, dot-matrix imprint) lying on a light
+    grey tray, in the object frame. Returns (RGB in [0, 1], grain amplitude)."""
+    u, v, window = _frame(size, window)
+    kind = None if defect is None else defect["kind"]
+    bump = None
+    su, sv = u, v
+    if kind in ("squeeze", "poke"):
+        du, dv = u - defect["centre"][0], v - defect["centre"][1]
+        bump = np.exp(-(du * du + dv * dv) / (2 * defect["sigma"] ** 2))
+    if kind == "squeeze":  # outline pushed in (SDF evaluated at outward-warped points)
+        su = u + defect["depth"] * bump * defect["direction"][0]
+        sv = v + defect["depth"] * bump * defect["direction"][1]
+    body_d = _capsule_sdf(su, sv, _CAPSULE_R)
+    cap_d = np.maximum(_capsule_sdf(su, sv, _CAPSULE_CAP_R), su - _CAPSULE_SEAM)
+    shell = _cover(np.minimum(body_d, cap_d), size)
+    cap = _cover(cap_d, size)
+
+    shadow_d = _capsule_sdf(u - 0.015, v - 0.022, _CAPSULE_R)
+    tray = (0.74 + 0.012 * _design_noise(size, 1.2, 4)[window]) * (1 - 0.35 * np.clip(0.5 - shadow_d / 0.05, 0, 1))
+    img = tray[..., None] * np.array([1.0, 0.99, 0.96], np.float32)
+
+    # cylinder / hemisphere normals of the (possibly deformed) shell
+    radius = np.where(cap > 0.5, _CAPSULE_CAP_R, _CAPSULE_R)
+    nu, nv = (su - np.clip(su, -_CAPSULE_HALF, _CAPSULE_HALF)) / radius, sv / radius
+    if bump is not None:  # the dent tilts the surface towards its centre
+        du, dv = u - defect["centre"][0], v - defect["centre"][1]
+        strength = 1.2 if kind == "poke" else 0.8
+        nu = nu - strength * bump * du / defect["sigma"]
+        nv = nv - strength * bump * dv / defect["sigma"]
+    nz = np.sqrt(np.clip(1 - nu * nu - nv * nv, 0.02, 1))
+    norm = np.sqrt(nu * nu + nv * nv + nz * nz)
+    lx, ly, lz = _CAPSULE_LIGHT
+    diffuse = np.clip((nu * lx + nv * ly + nz * lz) / norm, 0, 1)
+    specular = 0.45 * diffuse ** 40
+    colour = (np.array([0.80, 0.22, 0.14], np.float32) * cap[..., None]
+              + np.array([0.94, 0.91, 0.83], np.float32) * (1 - cap[..., None]))
+    gel = colour * (0.35 + 0.7 * diffuse)[..., None] + specular[..., None]
+    seam = np.clip(1 - np.abs(su - _CAPSULE_SEAM) * size / 1.0, 0, 1) * (np.abs(sv) < _CAPSULE_CAP_R)
+    gel = gel * (1 - 0.25 * seam)[..., None]
+
+    # imprint: 4 dot-matrix characters on the body
+    glyphs = _capsule_glyphs()
+    gx = (u - _CAPSULE_PRINT_U) / _CAPSULE_PRINT_DOT
+    gy = (v + 2.5 * _CAPSULE_PRINT_DOT) / _CAPSULE_PRINT_DOT
+    col, row = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
+    char, cx = col // 4, col % 4
+    inside = (col >= 0) & (char < 4) & (row >= 0) & (row < 5) & (cx < 3)
+    lit = np.zeros(u.shape, np.float32)
+    lit[inside] = glyphs[char[inside], row[inside], cx[inside]]
+    # round dots, antialiased (pointwise, so a re-rendered window matches the full canvas)
+    dot_d = (np.hypot(gx - col - 0.5, gy - row - 0.5) - 0.45) * _CAPSULE_PRINT_DOT
+    ink = lit * _cover(dot_d, size)
+    if kind == "faulty_imprint":
+        rng = np.random.default_rng(defect["seed"])
+        origin = np.array([window[1].start or 0, window[0].start or 0], np.float64)
+        centre_px = _to_canvas_px(size, defect["centre"]) - origin
+        blob = _blob_alpha(u.shape[0], centre_px, defect["radius"] * size, 1.0 * size / 224, rng, roughness=0.4)
+        if defect["smear"]:  # ink dragged sideways: a blurred, shifted copy of the print
+            shift = int(round(rng.uniform(3, 6) * size / 224)) * int(rng.choice([-1, 1]))
+            smeared = ndimage.gaussian_filter(np.roll(ink, shift, axis=int(rng.integers(2))), 1.5 * size / 224)
+            ink = np.maximum(ink * (1 - blob), 0.7 * smeared * blob + ink * (1 - blob))
+        else:  # imprint missing there
+            ink = ink * (1 - blob)
+    gel = gel * (1 - 0.75 * ink)[..., None] + (0.75 * ink)[..., None] * np.array([0.12, 0.12, 0.16], np.float32)
+    if kind == "poke":
+        gel = gel * (1 - 0.25 * bump)[..., None]  # pit: a little darker at the bottom
+    img = img * (1 - shell[..., None]) + gel * shell[..., None]
+    if kind == "crack":
+        rng = np.random.default_rng(defect["seed"])
+        origin = np.array([window[1].start or 0, window[0].start or 0], np.float64)
+        inner = _cover(np.minimum(body_d, cap_d) + 0.01, size)
+        img = _crack(img, rng, coverage=inner, centre=_to_canvas_px(size, defect["centre"]) - origin,
+                     unit=size / 224.0, length_range=defect["length"])
+    grain = 0.01 + 0.004 * shell
+    return img.astype(np.float32), grain
+
+
+@lru_cache(maxsize=1)
+def _capsule_glyphs() -> Array:
+    rng = np.random.default_rng(_DESIGN_SEED + 1)
+    return (rng.random((4, 5, 3)) < 0.6).astype(np.float32)
+
+
 _OBJECTS: dict[str, tuple[Callable, Callable]] = {
     "nut": (_nut_defect, _render_nut),
     "chip": (_chip_defect, _render_chip),
+    "capsule": (_capsule_defect, _render_capsule),
 }
 
 
@@ -776,8 +913,9 @@ def _warp(canvas: Array, size: int, offset: Array, rotation: float, scale: float
     coeffs = (c, s, centre - (c * ox + s * oy), -s, c, centre - (-s * ox + c * oy))
     channels = []
     for k in range(canvas.shape[-1]):
-        plane = Image.fromarray(np.ascontiguousarray(canvas[..., k], dtype=np.float32), mode="F")
-        channels.append(np.asarray(plane.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)))
+        plane = Image.fromarray(np.ascontiguousarray(canvas[..., k], dtype=np.float32))  # mode "F"
+        plane = plane.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+        channels.append(np.asarray(plane))
     return np.stack(channels, axis=-1)
 
 
@@ -826,6 +964,9 @@ def _sample(category: str, defect_type: str | None, size: int, rng: np.random.Ge
 # ============================================================================ public API
 _SPLIT_CODES = {"train": 1, "test_good": 2, "test_defect": 3}
 _GENERATED_NAME = re.compile(r"^\d{3,}(_mask)?\.png$")
+# Written into every generated category folder: later calls only replace images in
+# folders that carry it.
+MARKER_NAME = ".softpatch_demo.json"
 
 
 def _image_rng(seed: int, category: str, split: str, index: int, defect_index: int = 0) -> np.random.Generator:
@@ -868,9 +1009,21 @@ def _split_counts(total: int, kinds: int) -> list[int]:
     return [total // kinds + (i < total % kinds) for i in range(kinds)]
 
 
+def _holds_foreign_images(category_dir: Path) -> bool:
+    """Images in the MVTec sub-folders of a category folder that make_demo_dataset did
+    not write (no marker): e.g. a real MVTec AD "capsule" -- never to be deleted."""
+    if (category_dir / MARKER_NAME).is_file():
+        return False
+    return any(path.is_file() and _GENERATED_NAME.match(path.name)
+               for sub in ("train", "test", "ground_truth") if (category_dir / sub).is_dir()
+               for path in (category_dir / sub).rglob("*"))
+
+
 def _clear_previous(category_dir: Path) -> None:
     """Remove images an earlier call wrote (NNN.png / NNN_mask.png in the MVTec
     sub-folders), so a smaller rerun leaves no stale files; anything else is kept."""
+    if not (category_dir / MARKER_NAME).is_file():
+        return
     for sub in ("train", "test", "ground_truth"):
         top = category_dir / sub
         if not top.is_dir():
@@ -896,10 +1049,13 @@ def _category_images(root: Path, category: str, n_train: int, n_test_good: int, 
     train_dir, good_dir = cat_dir / "train" / "good", cat_dir / "test" / "good"
     train_dir.mkdir(parents=True, exist_ok=True)
     good_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(n_train):
-        yield _sample(category, None, image_size, _image_rng(seed, category, "train", i))[0], train_dir / f"{i:03d}.png"
-    for i in range(n_test_good):
-        yield _sample(category, None, image_size, _image_rng(seed, category, "test_good", i))[0], good_dir / f"{i:03d}.png"
+    # marker first: a run that dies half-way leaves a folder the next run may clean up
+    marker = dict(generator="softpatch_cuda.data.demo.make_demo_dataset", category=category, n_train=n_train,
+                  n_test_good=n_test_good, n_test_defect=n_test_defect, image_size=image_size, seed=seed)
+    (cat_dir / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
+    for split, folder, count in (("train", train_dir, n_train), ("test_good", good_dir, n_test_good)):
+        for i in range(count):
+            yield _sample(category, None, image_size, _image_rng(seed, category, split, i))[0], folder / f"{i:03d}.png"
     defect_types = DEMO_DEFECT_TYPES[category]
     for k, (defect_type, count) in enumerate(zip(defect_types, _split_counts(n_test_defect, len(defect_types)))):
         if count == 0:
@@ -926,8 +1082,14 @@ def make_demo_dataset(root: str | os.PathLike, categories: Iterable[str] | str |
 
     `n_test_defect` images per category are spread evenly over its defect types
     (DEMO_DEFECT_TYPES[category]; a type that would get none gets no folder).
-    Same arguments -> byte-identical files. Images an earlier call left in these
-    folders are replaced.
+    Same arguments -> byte-identical files. Each category folder gets a small marker
+    file (MARKER_NAME, the arguments as JSON); images an earlier call left in a marked
+    folder are replaced, while a category folder holding images without the marker
+    (e.g. a real MVTec AD "capsule") raises FileExistsError before anything is written.
+
+    Raises ValueError / TypeError for unknown categories (the message lists the valid
+    ones), non-positive or non-int counts, image_size < 32, a negative seed;
+    FileExistsError when root (or root/<category>) is a file.
     """
     cats = _check_categories(categories)
     n_train = _check_count("n_train", n_train)
@@ -949,6 +1111,9 @@ def make_demo_dataset(root: str | os.PathLike, categories: Iterable[str] | str |
     for name in cats:
         if (root / name).exists() and not (root / name).is_dir():
             raise FileExistsError(f"{root / name} exists and is not a directory")
+        if (root / name).is_dir() and _holds_foreign_images(root / name):
+            raise FileExistsError(f"{root / name} holds images that make_demo_dataset did not write "
+                                  f"(no {MARKER_NAME}); refusing to overwrite them -- choose another root")
 
     # PNG encoding (zlib, GIL released) overlaps with drawing the next pictures.
     with ThreadPoolExecutor(max_workers=2) as writer:

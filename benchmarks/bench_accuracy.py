@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import tempfile
 import time
@@ -78,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _load(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -100,7 +105,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, info: dict, sizes: dict
     lines = [
         f"# softpatch_cuda accuracy under training-set contamination ({args.device}, {setting})",
         "",
-        f"- date (UTC): {created}; total time {elapsed:.0f} s",
+        f"- date (UTC): {created}; total time {elapsed:.0f} s; 1-min load average at start / end: "
+        f"{_load(args.load_average['start'])} / {_load(args.load_average['end'])} (fit/predict times grow with it)",
         f"- CPU: {info['cpu_model']}, {info['cpu_affinity'] or info['cpu_count']} usable cores, RAM {info['ram_gib']} GiB"
         + (f"; GPU: {gpu['name']}" if gpu else ""),
         f"- softpatch_cuda {__version__}; backbone {args.backbone or 'efficientnet_lite0'}"
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     t_start = time.perf_counter()
+    # Other processes on the machine slow the fit/predict times down (not the metrics): record it.
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tmp = None
     if args.data:
         data_root = Path(args.data)
@@ -190,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"pixel {_pct(row['pixel_auroc'])} ({row['fit_s']:.1f} s + {row['predict_s']:.1f} s)",
                       file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t_start
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    args.load_average = {"start": load_start, "end": load_end}
     if tmp is not None:
         tmp.cleanup()
 

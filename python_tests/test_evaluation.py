@@ -1,0 +1,224 @@
+"""evaluation.py: results table with mean row, JSON/markdown writing, evaluate_split with a
+fake model (scores and maps known in advance) against plain metric references."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from softpatch_cuda import evaluation
+from softpatch_cuda.data.images import ImageTransform
+
+ROWS = [
+    {"category": "a", "n_train": 10, "n_test": 5, "image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": None,
+     "image_f1_max": 0.5, "fit_s": 1.0, "predict_s": 2.0},
+    {"category": "b", "n_train": 20, "n_test": 7, "image_auroc": 1.0, "pixel_auroc": None, "aupro": 0.6,
+     "image_f1_max": float("nan"), "fit_s": 3.0, "predict_s": 4.0},
+]
+
+
+def test_mean_row_skips_missing_values():
+    mean = evaluation.mean_row(ROWS)
+    assert mean["category"] == "mean"
+    assert mean["image_auroc"] == pytest.approx(0.95)
+    assert mean["pixel_auroc"] == pytest.approx(0.8)
+    assert mean["aupro"] == pytest.approx(0.6)
+    assert mean["image_f1_max"] == pytest.approx(0.5)
+    assert mean["fit_s"] == pytest.approx(2.0)
+    assert mean["n_train"] == 30 and mean["n_test"] == 12
+    assert evaluation.mean_row([{"category": "x", "image_auroc": None}])["image_auroc"] is None
+
+
+def test_results_table_markdown_has_rows_and_mean():
+    md = evaluation.results_table_markdown(ROWS)
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| category | image AUROC | pixel AUROC | AUPRO")
+    assert lines[1].startswith("|---|")
+    assert lines[2] == "| a | 90.0 | 80.0 | n/a | 50.0 | 1.0 | 2.0 |"
+    assert lines[3] == "| b | 100.0 | n/a | 60.0 | n/a | 3.0 | 4.0 |"
+    assert lines[4] == "| **mean** | **95.0** | **80.0** | **60.0** | **50.0** | **2.0** | **3.0** |"
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    with pytest.raises(ValueError, match="no rows"):
+        evaluation.results_table_markdown([])
+
+
+def test_write_results(tmp_path):
+    json_path, md_path = evaluation.write_results(ROWS, tmp_path / "out", meta={"dataset": "x"}, title="T")
+    data = json.loads(json_path.read_text())
+    assert data["meta"] == {"dataset": "x"}
+    assert [r["category"] for r in data["rows"]] == ["a", "b"]
+    assert data["rows"][1]["image_f1_max"] is None  # NaN -> null
+    assert data["mean"]["image_auroc"] == pytest.approx(0.95)
+    assert md_path.read_text().startswith("# T\n\n| category |")
+
+
+# ------------------------------------------------------------------ evaluate_split with a fake model
+@dataclass(frozen=True)
+class FakeSample:
+    path: str
+    label: int
+    defect_type: str
+    mask_path: str | None
+
+
+@dataclass
+class FakeSplit:
+    dataset: str
+    category: str
+    train: list
+    test: list
+
+
+@dataclass
+class FakePrediction:
+    scores: np.ndarray
+    maps: np.ndarray
+
+
+class FakeModel:
+    """Scores each test image by the fraction of bright pixels; the map is the image's
+    brightness in the model frame. Records what it was given."""
+
+    def __init__(self, size: int = 16):
+        self.config = {"resize": size, "crop": size}
+        self.transform = ImageTransform(resize=size, crop=size)
+        self.fitted_on: list[str] | None = None
+        self.progress = None
+
+    def fit(self, paths):
+        self.fitted_on = list(paths)
+        return self
+
+    def predict(self, paths):
+        maps = []
+        for p in paths:
+            g = np.asarray(self.transform.geometry(Image.open(p)), dtype=np.float32).mean(axis=-1) / 255.0
+            maps.append(g)
+        maps = np.stack(maps)
+        return FakePrediction(scores=maps.reshape(len(maps), -1).mean(axis=1), maps=maps)
+
+
+def _write(path: Path, arr: np.ndarray) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def fake_split(tmp_path):
+    rng = np.random.default_rng(0)
+    train = [FakeSample(_write(tmp_path / "train" / f"{i}.png", rng.integers(0, 60, (24, 24, 3), dtype=np.uint8)),
+                        0, "good", None) for i in range(4)]
+    test = []
+    for i in range(3):
+        test.append(FakeSample(_write(tmp_path / "test" / f"good{i}.png", rng.integers(0, 60, (24, 24, 3), dtype=np.uint8)),
+                               0, "good", None))
+    for i in range(3):
+        img = rng.integers(0, 60, (24, 24, 3), dtype=np.uint8)
+        mask = np.zeros((24, 24), dtype=np.uint8)
+        mask[4 + 2 * i: 12 + 2 * i, 6:14] = 255
+        img[mask > 0] = 250
+        p = _write(tmp_path / "test" / f"bad{i}.png", img)
+        m = _write(tmp_path / "gt" / f"bad{i}_mask.png", mask)
+        test.append(FakeSample(p, 1, "spot", m))
+    return FakeSplit("fake", "cat", train, test)
+
+
+def test_evaluate_split_with_fake_model(fake_split):
+    pytest.importorskip("softpatch_cuda.data.datasets")
+    pytest.importorskip("softpatch_cuda.metrics")
+    from sklearn.metrics import roc_auc_score
+
+    model = FakeModel(size=16)
+    row, prediction, masks = evaluation.evaluate_split_detailed(model, fake_split, progress=True)
+    assert model.fitted_on == [s.path for s in fake_split.train]
+    assert model.progress is True
+    assert set(row) >= {"category", "n_train", "n_test", "image_auroc", "pixel_auroc", "aupro", "image_f1_max",
+                        "fit_s", "predict_s"}
+    assert (row["category"], row["n_train"], row["n_test"], row["n_test_anomalous"]) == ("cat", 4, 6, 3)
+    labels = np.array([s.label for s in fake_split.test])
+    assert row["image_auroc"] == pytest.approx(roc_auc_score(labels, prediction.scores)) and row["image_auroc"] == 1.0
+    # masks went through the model's resize (24 -> 16) like the images
+    assert masks.shape == (6, 16, 16) and not masks[:3].any() and masks[3:].any()
+    expected_mask = ImageTransform(16, 16).mask(np.asarray(Image.open(fake_split.test[3].mask_path)) > 0)
+    np.testing.assert_array_equal(masks[3], expected_mask)
+    assert row["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), prediction.maps.ravel()))
+    # defect pixels are the brightest ones: perfect region overlap at any FPR
+    assert row["aupro"] == pytest.approx(1.0) and row["image_f1_max"] == pytest.approx(1.0)
+    assert row["fit_s"] >= 0 and row["predict_s"] >= 0
+    assert evaluation.evaluate_split(FakeModel(16), fake_split).keys() == row.keys()
+
+
+def test_evaluate_split_without_masks_gives_no_pixel_metrics(fake_split):
+    pytest.importorskip("softpatch_cuda.metrics")
+    pytest.importorskip("softpatch_cuda.data.datasets")
+    no_masks = FakeSplit("fake", "cat", fake_split.train,
+                         [FakeSample(s.path, s.label, s.defect_type, None) for s in fake_split.test])
+    row = evaluation.evaluate_split(FakeModel(16), no_masks)
+    assert row["pixel_auroc"] is None and row["aupro"] is None
+    assert row["image_auroc"] == 1.0
+
+
+def test_evaluate_split_one_class_test_set(fake_split):
+    pytest.importorskip("softpatch_cuda.metrics")
+    pytest.importorskip("softpatch_cuda.data.datasets")
+    only_good = FakeSplit("fake", "cat", fake_split.train, fake_split.test[:3])
+    row = evaluation.evaluate_split(FakeModel(16), only_good)
+    assert row["image_auroc"] is None and row["image_f1_max"] is None and row["pixel_auroc"] is None
+
+
+def test_evaluate_split_rejects_empty_sets(fake_split):
+    with pytest.raises(ValueError, match="empty training set"):
+        evaluation.evaluate_split(FakeModel(), FakeSplit("f", "c", [], fake_split.test))
+    with pytest.raises(ValueError, match="empty test set"):
+        evaluation.evaluate_split(FakeModel(), FakeSplit("f", "c", fake_split.train, []))
+
+
+def test_model_transform_from_config():
+    class M:
+        config = {"resize": 40, "crop": 32}
+
+    t = evaluation.model_transform(M())
+    assert (t.resize, t.crop) == (40, 32)
+    with pytest.raises(TypeError, match="input transform"):
+        evaluation.model_transform(object())
+
+
+# ------------------------------------------------------------------ benchmarks/bench_accuracy.py smoke run
+def test_bench_accuracy_smoke(tmp_path):
+    """Tiny run (random resnet18, 32 px): it runs and writes complete JSON + markdown."""
+    import subprocess
+    import sys
+
+    from conftest import package_env
+
+    pytest.importorskip("softpatch_cuda.data.demo")
+    try:
+        from softpatch_cuda import PatchCore  # noqa: F401
+    except ImportError:
+        pytest.skip("models not available yet")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py"
+    out = tmp_path / "res"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--categories", "nut", "--noise", "0,0.25", "--models", "patchcore",
+         "--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--n-train", "8", "--n-test-good", "2",
+         "--n-test-defect", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=package_env(), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "accuracy_cpu.json").read_text())
+    rows = data["rows"]
+    assert [(r["noise"], r["model"]) for r in rows] == [(0.0, "patchcore"), (0.25, "patchcore")]
+    assert [r["n_planted"] for r in rows] == [0, 2]
+    assert [r["n_train"] for r in rows] == [8, 10]
+    assert [r["n_test"] for r in rows] == [6, 4]  # no-overlap: planted images left the test set
+    assert all(r["image_auroc"] is not None and r["pixel_auroc"] is not None for r in rows)
+    assert "cpu_model" in data["machine"] and set(data["means"]) == {"patchcore@0", "patchcore@0.25"}
+    assert [len(r["added"]) for r in data["noise_records"]] == [0, 2]
+    md = (out / "accuracy_cpu.md").read_text()
+    assert "## Mean image AUROC" in md and "| PatchCore |" in md and "noise 0.25" in md and "load average" in md

@@ -1,0 +1,413 @@
+"""Pictures and reports: heatmap colouring, overlays, PNG writing, CSV/JSON tables and
+the self-contained HTML report of ``softpatch demo``.
+
+Only numpy and Pillow are used (no matplotlib): the colormap is Google's "Turbo"
+through its published polynomial approximation, so the pictures are identical on
+every machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# Turbo colormap, polynomial approximation (A. Mikhailov / R. Du, Google 2019): per channel
+# c(x) = sum_k coef[k] * x**k for k = 0..5, clipped to [0, 1].
+_TURBO_COEFFS = np.array(
+    [
+        [0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
+        [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
+        [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
+    ],
+    dtype=np.float64,
+)
+
+
+def turbo(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (clipped; NaN -> 0) to uint8 RGB [..., 3] with the Turbo colormap
+    (dark blue -> cyan -> green -> yellow -> red)."""
+    x = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0), 0.0, 1.0)
+    powers = np.stack([x**k for k in range(6)], axis=-1)  # [..., 6]
+    rgb = np.clip(powers @ _TURBO_COEFFS.T, 0.0, 1.0)
+    return np.rint(rgb * 255.0).astype(np.uint8)
+
+
+def normalize_map(anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Linear rescale to [0, 1] (clipped) of an anomaly map given the colour range."""
+    if not (math.isfinite(vmin) and math.isfinite(vmax)):
+        raise ValueError(f"colour range must be finite, got vmin={vmin}, vmax={vmax}")
+    span = vmax - vmin
+    if span <= 0:
+        span = 1.0  # constant range: everything maps to the low end, not a division by zero
+    return np.clip((np.asarray(anomaly_map, dtype=np.float64) - vmin) / span, 0.0, 1.0)
+
+
+def colour_range(maps: Iterable[np.ndarray], threshold: float | None = None) -> tuple[float, float]:
+    """Colour range shared by several anomaly maps so that colours compare across images.
+
+    Without a threshold: [min, max] over all maps. With the model's image threshold (image
+    scores are map maxima), the range is centred on it: [lo, 2*threshold - lo] with lo the
+    smallest map value, so regions above the decision threshold are yellow to red and a
+    normal image stays blue to green.
+    """
+    lo, hi = math.inf, -math.inf
+    for m in maps:
+        m = np.asarray(m)
+        if m.size:
+            lo = min(lo, float(np.nanmin(m)))
+            hi = max(hi, float(np.nanmax(m)))
+    if not math.isfinite(lo):
+        raise ValueError("colour_range: no map values")
+    if threshold is not None and math.isfinite(threshold) and threshold > lo:
+        return lo, 2.0 * float(threshold) - lo
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """bool [H, W]: the boundary pixels of a binary mask (mask minus its erosion)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros_like(mask)
+    eroded = ndimage.binary_erosion(mask, iterations=max(1, int(width)), border_value=0)
+    return mask & ~eroded
+
+
+def overlay(
+    image: Image.Image | np.ndarray,
+    anomaly_map: np.ndarray,
+    vmin: float,
+    vmax: float,
+    alpha: float = 0.5,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend a coloured anomaly map with the image it belongs to -> uint8 RGB [H, W, 3].
+
+    The map must already be at the image's resolution (Prediction.map_at_input_size or
+    the model frame with ImageTransform.geometry). ``mask`` (optional ground truth, bool
+    [H, W]) is drawn as a white outline.
+    """
+    if isinstance(image, Image.Image):
+        rgb = np.asarray(image.convert("RGB"))
+    else:
+        rgb = np.asarray(image)
+        if rgb.ndim == 2:
+            rgb = np.repeat(rgb[..., None], 3, axis=-1)
+        if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4) or rgb.dtype != np.uint8:
+            raise ValueError(f"image must be uint8 [H,W,3], got {rgb.dtype} {rgb.shape}")
+        rgb = rgb[..., :3]
+    amap = np.asarray(anomaly_map)
+    if amap.shape != rgb.shape[:2]:
+        raise ValueError(f"anomaly map shape {amap.shape} differs from the image's {rgb.shape[:2]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    colours = turbo(normalize_map(amap, vmin, vmax)).astype(np.float32)
+    out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != amap.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from the map's {amap.shape}")
+        width = max(1, round(min(mask.shape) / 150))  # visible at any resolution
+        out[mask_outline(mask, width)] = 255
+    return out
+
+
+def colourbar(height: int = 12, width: int = 256) -> np.ndarray:
+    """uint8 [height, width, 3] horizontal Turbo gradient (legend)."""
+    row = turbo(np.linspace(0.0, 1.0, width))
+    return np.repeat(row[None], height, axis=0)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray | Image.Image, max_side: int | None = None) -> Path:
+    """Write an RGB/grey image as PNG (parent folders created); ``max_side`` shrinks large images."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    img.save(path, format="PNG")
+    return path
+
+
+# ------------------------------------------------------------------ tables / files
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean_floats(obj: Any) -> Any:
+    """NaN / inf -> None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_floats(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """JSON with numpy scalars/arrays converted and NaN written as null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean_floats(payload), indent=2, default=_json_default) + "\n")
+    return path
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """CSV with a header; columns default to the keys of the first row (in order)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if columns is None:
+        columns = list(rows[0].keys()) if rows else []
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return path
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def training_report_rows(report: Any) -> list[dict]:
+    """Rows (most suspicious first) of a TrainingReport: rank, name, source, score, flagged."""
+    scores = np.asarray(report.scores, dtype=np.float64)
+    sources = list(getattr(report, "sources", None) or [None] * len(scores))
+    flagged = np.asarray(report.flagged, dtype=bool)
+    names = distinct_names(list(report.names), sources)
+    order = np.argsort(-scores, kind="stable")
+    return [
+        {
+            "rank": rank + 1,
+            "name": names[i],
+            "source": sources[i] if i < len(sources) else None,
+            "contamination_score": float(scores[i]),
+            "flagged": bool(flagged[i]),
+        }
+        for rank, i in enumerate(order)
+    ]
+
+
+def distinct_names(names: list[str], sources: list[str | None]) -> list[str]:
+    """File names repeat across folders (train/good/001.png, test/dent/001.png): then show
+    each file's path relative to the folder all of them share."""
+    if len(set(names)) == len(names) or not sources or any(s is None for s in sources):
+        return names
+    try:
+        common = os.path.commonpath([os.path.abspath(s) for s in sources])
+    except ValueError:  # different drives
+        return names
+    if os.path.isfile(common):
+        common = os.path.dirname(common)
+    return [Path(os.path.relpath(os.path.abspath(s), common)).as_posix() for s in sources]
+
+
+def format_training_report(report: Any, top: int = 10) -> str:
+    """Human-readable summary: how many images were flagged and the top suspects."""
+    rows = training_report_rows(report)
+    n_flagged = sum(r["flagged"] for r in rows)
+    threshold = getattr(report, "threshold", None)
+    head = f"Training-set contamination: {n_flagged} of {len(rows)} images flagged"
+    if threshold is not None:
+        head += f" (score threshold {float(threshold):.4g})"
+    lines = [head, f"Top {min(top, len(rows))} suspects:"]
+    width = max([len(r["name"]) for r in rows[:top]] + [4])
+    lines.append(f"  {'rank':>4}  {'name':<{width}}  {'score':>10}  flagged")
+    for r in rows[:top]:
+        lines.append(
+            f"  {r['rank']:>4}  {r['name']:<{width}}  {r['contamination_score']:>10.4g}  {'yes' if r['flagged'] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ HTML report
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+     padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}tr.mean td{font-weight:bold;background:#fafafa}
+.bar{display:inline-block;height:.7em;background:#4a7bd0;vertical-align:middle;margin-left:.4em}
+.bar.px{background:#e0883a}
+.grid{display:flex;flex-wrap:wrap;gap:.8em}.card{width:180px;font-size:.8em}
+.card img{width:180px;height:auto;image-rendering:auto;border:1px solid #bbb}
+.ok{color:#1a7f37}.bad{color:#c0392b}.muted{color:#777}
+code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def _fmt_pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100.0 * float(v):.1f}"
+
+
+def _bar(v: Any, css: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    # Bars start at 50 % (chance level for AUROC), so differences are visible.
+    width = max(0.0, min(1.0, (float(v) - 0.5) / 0.5)) * 80
+    return f'<span class="bar {css}" style="width:{width:.0f}px"></span>'
+
+
+def _rel(path: str | os.PathLike, base: Path) -> str:
+    """Relative link from the report folder (posix separators, URL-safe enough for our names)."""
+    rel = os.path.relpath(Path(path), base)
+    return html.escape(Path(rel).as_posix(), quote=True)
+
+
+def demo_report_html(results: dict, out_dir: str | os.PathLike) -> str:
+    """The HTML of ``softpatch demo``'s report from its results dict (see cli.run_demo).
+
+    Expected keys: title, settings (dict), models (list of display names), categories: list of
+    {category, metrics: {model: {image_auroc, pixel_auroc, ...}}, flagged: [...], cases: [...],
+    planted: int, flag_summary: {...}}, mean: {model: {...}}, elapsed_s.
+    Picture paths in the dict are made relative to out_dir.
+    """
+    base = Path(out_dir)
+    esc = html.escape
+    models: list[str] = list(results["models"])
+    parts: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(results.get('title', 'softpatch demo'))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{esc(results.get('title', 'softpatch demo'))}</h1>",
+    ]
+    settings = results.get("settings", {})
+    if settings:
+        parts.append("<p class='muted'>" + esc(", ".join(f"{k}: {v}" for k, v in settings.items())) + "</p>")
+    explanation = results.get("explanation")
+    if explanation:
+        parts.append("<h2>What this shows</h2>")
+        parts.extend(f"<p>{esc(p)}</p>" for p in explanation)
+
+    # --- accuracy table: image / pixel AUROC side by side per model
+    parts.append("<h2>Accuracy on the test images</h2>")
+    parts.append(
+        "<p>AUROC in percent (50 = chance, 100 = perfect). <em>Image</em>: does the image score rank "
+        "defective images above good ones; <em>pixel</em>: does the anomaly map rank defect pixels "
+        "above normal ones. Bars start at 50.</p>"
+    )
+    head = "<tr><th class='l' rowspan='2'>category</th>" + "".join(
+        f"<th colspan='2'>{esc(m)}</th>" for m in models
+    ) + "</tr><tr>" + "".join("<th>image</th><th>pixel</th>" for _ in models) + "</tr>"
+    rows = []
+    for cat in results["categories"]:
+        cells = "".join(
+            f"<td>{_fmt_pct(cat['metrics'].get(m, {}).get('image_auroc'))}{_bar(cat['metrics'].get(m, {}).get('image_auroc'))}</td>"
+            f"<td>{_fmt_pct(cat['metrics'].get(m, {}).get('pixel_auroc'))}{_bar(cat['metrics'].get(m, {}).get('pixel_auroc'), 'px')}</td>"
+            for m in models
+        )
+        rows.append(f"<tr><td class='l'>{esc(cat['category'])}</td>{cells}</tr>")
+    mean = results.get("mean", {})
+    cells = "".join(
+        f"<td>{_fmt_pct(mean.get(m, {}).get('image_auroc'))}{_bar(mean.get(m, {}).get('image_auroc'))}</td>"
+        f"<td>{_fmt_pct(mean.get(m, {}).get('pixel_auroc'))}{_bar(mean.get(m, {}).get('pixel_auroc'), 'px')}</td>"
+        for m in models
+    )
+    rows.append(f"<tr class='mean'><td class='l'>mean</td>{cells}</tr>")
+    parts.append(f"<table>{head}{''.join(rows)}</table>")
+
+    # --- contamination: flagged training images
+    parts.append("<h2>Contaminated training images found</h2>")
+    parts.append(
+        "<p>Each training set had defective test images planted in it (the noise protocol). "
+        "The model never sees labels; it scores every training image by how much its patches "
+        "disagree with the same patches in the other images. Flagged images are listed, most "
+        "suspicious first; <span class='ok'>planted</span> means it really was a defect.</p>"
+    )
+    for cat in results["categories"]:
+        fs = cat.get("flag_summary", {})
+        summary = (
+            f"{fs.get('flagged', 0)} flagged, {fs.get('flagged_planted', 0)} of them planted; "
+            f"{fs.get('planted', 0)} planted in {fs.get('n_train', '?')} training images"
+        )
+        if fs.get("contamination_auroc") is not None:
+            summary += f"; AUROC of the contamination score for finding them: {_fmt_pct(fs['contamination_auroc'])}"
+        parts.append(f"<h3>{esc(cat['category'])}</h3><p>{esc(summary)}</p>")
+        if not cat.get("flagged"):
+            parts.append("<p class='muted'>No training image was flagged.</p>")
+            continue
+        cards = []
+        for item in cat["flagged"]:
+            verdict = (
+                "<span class='ok'>planted defect</span>" if item["planted"] else "<span class='bad'>normal image</span>"
+            )
+            img = f"<img src='{_rel(item['thumbnail'], base)}' alt='{esc(item['name'])}'>" if item.get("thumbnail") else ""
+            cards.append(
+                f"<div class='card'>{img}<br>{esc(item['name'])}<br>score {item['score']:.3g} &mdash; {verdict}</div>"
+            )
+        parts.append(f"<div class='grid'>{''.join(cards)}</div>")
+
+    # --- heatmaps: best and worst cases
+    parts.append("<h2>Anomaly maps: best and worst test cases</h2>")
+    parts.append(
+        "<p>Anomaly map overlays of the first model above (colour: blue = normal, red = anomalous; "
+        "the colour scale is centred on the model's decision threshold, the same for all images "
+        "of a category). White outline: the true defect. <em>Best</em>: the highest-scored "
+        "defective image and the lowest-scored good image; <em>worst</em>: the lowest-scored "
+        "defective image and the highest-scored good image (where errors happen first).</p>"
+    )
+    if results.get("colourbar"):
+        parts.append(
+            f"<p>low <img src='{_rel(results['colourbar'], base)}' alt='colour scale' "
+            "style='width:256px;height:12px;vertical-align:middle'> high</p>"
+        )
+    for cat in results["categories"]:
+        if not cat.get("cases"):
+            continue
+        cards = []
+        for case in cat["cases"]:
+            truth = "defect" if case["label"] else "good"
+            verdict_ok = bool(case["predicted_anomalous"]) == bool(case["label"])
+            verdict = f"<span class='{'ok' if verdict_ok else 'bad'}'>{'anomalous' if case['predicted_anomalous'] else 'normal'}</span>"
+            cards.append(
+                f"<div class='card'><img src='{_rel(case['overlay'], base)}' alt='{esc(case['name'])}'><br>"
+                f"<b>{esc(case['kind'])}</b>: {esc(case['name'])} ({esc(truth)})<br>"
+                f"score {case['score']:.3g} &rarr; {verdict}</div>"
+            )
+        parts.append(f"<h3>{esc(cat['category'])}</h3><div class='grid'>{''.join(cards)}</div>")
+
+    footer = results.get("footer")
+    if footer:
+        parts.append(f"<p class='muted'>{esc(footer)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_demo_report(results: dict, out_dir: str | os.PathLike) -> Path:
+    """Write out_dir/report.html (pictures must already be under out_dir)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.html"
+    path.write_text(demo_report_html(results, out_dir), encoding="utf-8")
+    return path

@@ -542,6 +542,12 @@ void scan_group(Group<RowT<I>>& g, const float* x, const Centre& c, index_t d, d
   refresh_stats(g);
 }
 
+// Per-step work (elements) below which a step runs on one thread: a parallel
+// region per step costs a barrier, and on an oversubscribed machine a barrier
+// can wait milliseconds for a descheduled thread (measured: 8x slower overall
+// with 2 threads on 2 busy cores when every step was parallel).
+constexpr index_t kParallelWork = index_t(1) << 22;
+
 template <Isa I>
 void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
             const float* w, const std::vector<double>& init_mind, index_t* out) {
@@ -648,7 +654,7 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
       for (index_t q = 0; q < nl; ++q)
         if (new_pivot || pivot_lbs[q] < groups[live[q]].bound) active.push_back(q);
       const index_t nr = index_t(active.size());
-#pragma omp parallel for schedule(static) if (nr * d > (1 << 18))
+#pragma omp parallel for schedule(static) if (nr * d > kParallelWork)
       for (index_t b = 0; b < nr; b += 4) {
         const float* rows[4];
         float f[4];
@@ -678,7 +684,7 @@ void greedy(const float* x, index_t n, index_t d, index_t m, index_t first,
       active.resize(kept_active);
       const index_t na = index_t(active.size());
       for (auto& sc : scratch) sc.moved.clear();
-#pragma omp parallel if (work * d > (1 << 17) && na > 1)
+#pragma omp parallel if (work * d > kParallelWork && na > 1)
       {
 #ifdef _OPENMP
         Scratch<T>& sc = scratch[omp_get_thread_num()];

@@ -10,7 +10,12 @@
 // Exact variant: the first centre is `start`; identical indices to the naive
 // O(n*m*d) loop. Pruning may skip only work that provably cannot change a
 // mindist (triangle inequality / partial-distance early exit), so results are
-// the same as the naive loop's.
+// the same as the naive loop's. On the CPU "identical" is bit-exact against
+// _reference.kcenter_greedy: every deciding distance is float64, summed in
+// numpy's order; float32 / float16 copies only feed rigorous lower bounds.
+// Like the naive loop, once every eligible point coincides with a centre
+// (all priorities 0) the lowest-index eligible point is selected again.
+// SOFTPATCH_CPU_ISA=avx512|avx2|scalar caps the CPU instruction-set path.
 //
 // Approximate variant (PatchCore's ApproximateGreedyCoresetSampler): the
 // initial mindist of every point is its mean distance to the `n_anchors`

@@ -10,7 +10,18 @@
 //   lrd(a)       = 1 / (mean_{b in N_k(a)} reach(a, b) + 1e-10)
 //   out[a]       = mean_{b in N_k(a)} lrd(b) / lrd(a)
 // This equals -LocalOutlierFactor(n_neighbors=k).negative_outlier_factor_ of
-// scikit-learn (same 1e-10 guard, so duplicates give finite values).
+// scikit-learn (same 1e-10 guard). Duplicates give finite values: a sample
+// with >= k exact copies has lrd 1e10, so its neighbours' ratios are large but
+// finite (e.g. all-identical groups give exactly 1); the float32 result is
+// clamped to FLT_MAX so it can never be inf. scikit-learn may order tied
+// neighbours differently, so with duplicates only the lower-index rule above
+// is the contract (_reference.lof follows it).
+//
+// CPU kernel: float32 SIMD Gram distances select candidates with a rigorous
+// error margin, the k nearest are then chosen on exact float64 distances
+// (summed in numpy's order), so the result equals the float64 reference up to
+// the final float32 rounding, on every instruction-set path
+// (SOFTPATCH_CPU_ISA=avx512|avx2|scalar caps the path; default: best the CPU has).
 // Contract: n >= 2 and 1 <= k <= n - 1 (the Python wrapper clamps k like
 // scikit-learn and handles n == 1).
 #pragma once

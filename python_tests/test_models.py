@@ -50,8 +50,8 @@ def object_set(n: int, n_defect: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 
 def margin(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Lowest defect score over the highest normal score (> 1: perfectly separated)."""
-    return float(scores[labels == 1].min() / scores[labels == 0].max())
+    """Median defect score over the highest normal score: how far typical defects stand out."""
+    return float(np.median(scores[labels == 1]) / scores[labels == 0].max())
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -63,7 +63,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def clean_data():
-    return object_set(12, 0, seed=1)[0]
+    return object_set(10, 0, seed=1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,8 @@ def test_threshold_calibrated_and_settable(fitted_softpatch, clean_data):
 
 
 def test_deterministic_with_seed(clean_data):
-    a = SoftPatchPlus(**FAST, seed=3).fit(clean_data)
-    b = SoftPatchPlus(**FAST, seed=3).fit(clean_data)
+    a = SoftPatchPlus(**FAST, seed=3).fit(clean_data[:8])
+    b = SoftPatchPlus(**FAST, seed=3).fit(clean_data[:8])
     pa, pb = a.predict(clean_data[:4]), b.predict(clean_data[:4])
     np.testing.assert_array_equal(pa.scores, pb.scores)
     np.testing.assert_array_equal(pa.maps, pb.maps)
@@ -203,15 +203,16 @@ def test_progress_and_logging(clean_data, caplog, capsys):
 # ------------------------------------------------------------------ denoising works
 @pytest.fixture(scope="module")
 def contaminated():
-    train, train_labels = object_set(24, 5, seed=10)
-    test, test_labels = object_set(10, 10, seed=20)
-    return train, train_labels, test, test_labels
+    train, train_labels = object_set(20, 5, seed=10)
+    test, test_labels = object_set(6, 6, seed=20)
+    soft = SoftPatch(**FAST).fit(train)  # alignment "auto"
+    core = PatchCore(**FAST).fit(train)
+    plus = SoftPatchPlus(**FAST).fit(train)
+    return train_labels, test, test_labels, soft, core, plus
 
 
 def test_softpatch_finds_planted_defects_and_beats_patchcore(contaminated):
-    train, train_labels, test, test_labels = contaminated
-    soft = SoftPatch(**FAST, alignment="position").fit(train)
-    core = PatchCore(**FAST).fit(train)
+    train_labels, test, test_labels, soft, core, plus = contaminated
     rep = soft.training_report()
     assert auroc(train_labels, rep.scores) >= 0.95
     top = {name for name, _ in rep.top(5)}
@@ -219,18 +220,17 @@ def test_softpatch_finds_planted_defects_and_beats_patchcore(contaminated):
     assert rep.flagged[train_labels == 1].sum() >= 3 and rep.flagged[train_labels == 0].sum() <= 2
     # planted defects removed from the bank: test defects of the same kind stand out
     # more (both may separate perfectly, so compare the margin, not only AUROC)
-    soft_scores, core_scores = soft.score(test), core.score(test)
-    plus_scores = SoftPatchPlus(**FAST).fit(train).score(test)
+    soft_scores, core_scores, plus_scores = soft.score(test), core.score(test), plus.score(test)
     assert auroc(test_labels, soft_scores) >= auroc(test_labels, core_scores)
     assert auroc(test_labels, soft_scores) >= 0.95
-    assert margin(test_labels, soft_scores) > 1.2 * margin(test_labels, core_scores)
-    assert margin(test_labels, plus_scores) > 1.2 * margin(test_labels, core_scores)
+    assert margin(test_labels, soft_scores) > 1.25 * margin(test_labels, core_scores)
+    assert margin(test_labels, plus_scores) > 1.25 * margin(test_labels, core_scores)
 
 
 def test_auto_alignment_on_aligned_objects(contaminated):
-    model = SoftPatch(**FAST).fit(contaminated[0])
-    assert model.fit_info_["alignment"] == "position"
-    assert model.fit_info_["alignment_statistic"] < 0.75
+    soft = contaminated[3]
+    assert soft.fit_info_["alignment"] == "position"
+    assert soft.fit_info_["alignment_statistic"] < 0.7
 
 
 # ------------------------------------------------------------------ errors

@@ -26,22 +26,18 @@ DEFAULT_EMBED_DIM: dict[str, int] = {
 FALLBACK_EMBED_DIM = 1024
 
 
-def _neighbourhoods(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[B,C,H,W] -> [B,H,W,C,k,k]: every position's k x k zero-padded neighbourhood."""
+def _neighbourhood_grid(feature: torch.Tensor, patch_size: int, size: tuple[int, int]) -> torch.Tensor:
+    """[B,C,H,W] -> [B*h*w, C*k*k]: every position's k x k zero-padded neighbourhood
+    (flattened channel-major, as PatchCore), the H x W grid bilinearly resampled to
+    ``size``. Resampling the unfolded [B, C*k*k, H, W] columns in one call is the same
+    arithmetic as resampling each neighbourhood entry, and keeps memory contiguous."""
     b, c, h, w = feature.shape
     pad = (patch_size - 1) // 2
     cols = F.unfold(feature, kernel_size=patch_size, padding=pad, stride=1)  # [B, C*k*k, H*W]
-    return cols.reshape(b, c, patch_size, patch_size, h, w).permute(0, 4, 5, 1, 2, 3)
-
-
-def _resample_grid(patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resample a [B,H,W,C,k,k] neighbourhood grid to [B,h,w,C,k,k]."""
-    b, h, w, c, k, _ = patches.shape
-    if (h, w) == tuple(size):
-        return patches
-    grid = patches.permute(0, 3, 4, 5, 1, 2).reshape(-1, 1, h, w)
-    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    return grid.reshape(b, c, k, k, size[0], size[1]).permute(0, 4, 5, 1, 2, 3)
+    cols = cols.reshape(b, c * patch_size * patch_size, h, w)
+    if (h, w) != tuple(size):
+        cols = F.interpolate(cols, size=size, mode="bilinear", align_corners=False)
+    return cols.permute(0, 2, 3, 1).reshape(b * size[0] * size[1], -1)
 
 
 def aggregate_patches(features: list[torch.Tensor], embed_dim: int, patch_size: int = 3) -> torch.Tensor:
@@ -52,9 +48,8 @@ def aggregate_patches(features: list[torch.Tensor], embed_dim: int, patch_size: 
     size = tuple(features[0].shape[-2:])
     pooled = []
     for feature in features:
-        patches = _resample_grid(_neighbourhoods(feature.float(), patch_size), size)
-        flat = patches.reshape(b * size[0] * size[1], 1, -1)
-        pooled.append(F.adaptive_avg_pool1d(flat, embed_dim))  # [N, 1, D]
+        flat = _neighbourhood_grid(feature.float(), patch_size, size)
+        pooled.append(F.adaptive_avg_pool1d(flat.unsqueeze(1), embed_dim))  # [N, 1, D]
     stacked = torch.cat(pooled, dim=1).reshape(b * size[0] * size[1], 1, -1)  # [N, 1, L*D]
     out = F.adaptive_avg_pool1d(stacked, embed_dim)
     return out.reshape(b, size[0], size[1], embed_dim)

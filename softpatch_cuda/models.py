@@ -116,7 +116,7 @@ def _check_common(cfg: dict) -> None:
 
 
 # What PatchCore's report-only discriminator uses (it takes no such arguments).
-_DISCRIMINATOR_DEFAULTS = {"alignment": "auto", "window": 1, "lof_k": 6, "pool_size": 16384}
+_DISCRIMINATOR_DEFAULTS = {"alignment": "auto", "window": 1, "lof_k": 6, "pool_size": 4096}
 
 
 class _Detector:
@@ -287,7 +287,10 @@ class _Detector:
             alignment, rho = disc.resolve_alignment(self._opt("alignment"), z, cfg["seed"])
             info.update(alignment=alignment, alignment_statistic=rho)
             cache: dict = {}
-            for m in methods:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            for m in tqdm(methods, desc=f"denoising ({alignment})", unit="discriminator",
+                          disable=not cfg["progress"]):
                 raw[m] = disc.outlier_scores(
                     z, m, alignment, k=k, window=self._opt("window"), pool_size=self._opt("pool_size"),
                     seed=cfg["seed"], graph_cache=cache, progress=cfg["progress"],
@@ -310,7 +313,10 @@ class _Detector:
         report_scores = None
         removed_fraction = np.zeros(n, dtype=np.float32)
         order_score = self._order_score(raw, info) if raw else None  # [N,h,w], larger = more outlying
-        for bank_name, remove_fraction, soft in plan["banks"]:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        for bank_name, remove_fraction, soft in tqdm(plan["banks"], desc="coreset", unit="bank",
+                                                     disable=not cfg["progress"]):
             kept = torch.ones(total, dtype=torch.bool, device=device)
             n_remove = disc.top_fraction_count(total, remove_fraction) if order_score is not None else 0
             if n_remove > 0:
@@ -603,7 +609,7 @@ class SoftPatch(_Detector):
         proj_dim: int = 128, coreset_ratio: float = 0.1, resize: int | None = 256, crop: int | None = 224,
         device: str = "auto", batch_size: int = 16, seed: int = 0, progress: bool = False,
         distance: str = "l2", discriminator: str = "lof", lof_k: int = 6, noise_threshold: float = 0.15,
-        alignment: str = "auto", window: int = 1, pool_size: int = 16384, soft_weights: bool = True,
+        alignment: str = "auto", window: int = 1, pool_size: int = 4096, soft_weights: bool = True,
     ):
         super().__init__(
             backbone=backbone, layers=layers, weights=weights, pretrained=pretrained, embed_dim=embed_dim,
@@ -652,7 +658,7 @@ class SoftPatchPlus(_Detector):
         device: str = "auto", batch_size: int = 16, seed: int = 0, progress: bool = False,
         distance: str = "l2", discriminators: tuple[str, ...] | list[str] = ("lof", "gaussian"),
         fusion: str = "mean", cls_threshold: float = 0.15, seg_threshold: float = 0.5, alignment: str = "auto",
-        window: int = 1, lof_k: int = 6, pool_size: int = 16384, soft_weights: bool = True,
+        window: int = 1, lof_k: int = 6, pool_size: int = 4096, soft_weights: bool = True,
     ):
         if isinstance(discriminators, str):
             discriminators = [discriminators]

@@ -1,0 +1,183 @@
+"""CPU k-center kernels vs the naive float64 greedy loop of _reference.py, on every ISA path.
+
+The kernels prune with the triangle inequality but compute every deciding distance
+exactly like the reference, so the selected indices must be identical -- not close.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from softpatch_cuda import _reference as R
+from softpatch_cuda import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _harness as H  # noqa: E402
+
+ISAS = ["avx512", "avx2", "scalar"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SOFTPATCH_CPU_ISA", request.param)
+    return request.param
+
+
+def _anchors(n: int, n_anchors: int, seed: int) -> np.ndarray:
+    """The anchors ops.kcenter_greedy_approx draws."""
+    return np.random.default_rng(seed).choice(n, size=min(n_anchors, n), replace=False)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_matches_naive_loop_random_shapes(isa, seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    d = int(rng.integers(1, 300))  # d > 128 exercises numpy's split summation
+    m = int(rng.integers(1, n + 1))
+    start = int(rng.integers(0, n))
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.01, 100)).astype(np.float32)
+    got = ops.kcenter_greedy(x, m, start=start)
+    assert got.dtype == np.int64 and got.shape == (m,)
+    np.testing.assert_array_equal(got, R.kcenter_greedy(x, m, start=start))
+
+
+def test_clustered_data_prunes_and_stays_exact(isa):
+    x = H.clustered_patch_features(3000, 48, seed=3)
+    np.testing.assert_array_equal(ops.kcenter_greedy(x, 300, start=17), R.kcenter_greedy(x, 300, start=17))
+
+
+def test_ties_and_duplicates(isa):
+    rng = np.random.default_rng(1)
+    # Small integers: many exactly equal distances, so the lowest-index rule decides.
+    x = rng.integers(-2, 3, size=(120, 5)).astype(np.float32)
+    x[60:] = x[:60]
+    for m in (10, 60, 120):  # beyond the distinct points the naive loop re-selects a centre
+        np.testing.assert_array_equal(ops.kcenter_greedy(x, m, start=5), R.kcenter_greedy(x, m, start=5))
+    grid = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2).astype(np.float32)
+    np.testing.assert_array_equal(ops.kcenter_greedy(grid, 36), R.kcenter_greedy(grid, 36))
+
+
+def test_all_distinct_points_m_equals_n_is_a_permutation(isa):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 3)).astype(np.float32)
+    got = ops.kcenter_greedy(x, 50, start=7)
+    assert sorted(got.tolist()) == list(range(50))
+    np.testing.assert_array_equal(got, R.kcenter_greedy(x, 50, start=7))
+
+
+def test_single_point():
+    np.testing.assert_array_equal(ops.kcenter_greedy(np.ones((1, 3), np.float32), 1), [0])
+
+
+def test_sample_weight(isa):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 20)).astype(np.float32)
+    w = rng.uniform(0.2, 2.0, 300).astype(np.float32)
+    w[rng.choice(300, 120, replace=False)] = 0.0
+    start = int(np.flatnonzero(w)[0])
+    got = ops.kcenter_greedy(x, 150, start=start, sample_weight=w)
+    np.testing.assert_array_equal(got, R.kcenter_greedy(x, 150, start=start, sample_weight=w))
+    assert (w[got] > 0).all()
+    # Every selectable point: all of them, never a zero-weight one.
+    allsel = ops.kcenter_greedy(x, 180, start=start, sample_weight=w)
+    assert set(allsel.tolist()) == set(np.flatnonzero(w).tolist())
+
+
+def test_approx_matches_reference(isa):
+    rng = np.random.default_rng(4)
+    for n, d, m, seed in ((500, 37, 60, 0), (9, 4, 9, 3), (5, 2, 2, 1)):
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        got = ops.kcenter_greedy_approx(x, m, n_anchors=10, seed=seed)
+        np.testing.assert_array_equal(got, R.kcenter_greedy_approx(x, m, _anchors(n, 10, seed)))
+    x = H.clustered_patch_features(2000, 32, seed=5)
+    w = rng.uniform(0, 1, 2000).astype(np.float32)
+    w[::3] = 0
+    got = ops.kcenter_greedy_approx(x, 200, n_anchors=10, seed=2, sample_weight=w)
+    np.testing.assert_array_equal(got, R.kcenter_greedy_approx(x, 200, _anchors(2000, 10, 2), w))
+    assert (w[got] > 0).all()
+
+
+def test_isa_paths_agree():
+    x = H.gaussian_features(1500, 130, seed=6)
+    outs = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ISAS:
+            mp.setenv("SOFTPATCH_CPU_ISA", name)
+            outs.append(ops.kcenter_greedy(x, 150, start=1))
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_non_contiguous_float16_and_torch_inputs():
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((40, 200)).astype(np.float32)
+    x = base.T[:, ::3]  # [200, 14], non-contiguous
+    want = R.kcenter_greedy(np.ascontiguousarray(x), 30, start=2)
+    np.testing.assert_array_equal(ops.kcenter_greedy(x, 30, start=2), want)
+    got = ops.kcenter_greedy(torch.from_numpy(base).T[:, ::3], 30, start=2)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.int64
+    np.testing.assert_array_equal(got.numpy(), want)
+    h = x.astype(np.float16)
+    np.testing.assert_array_equal(ops.kcenter_greedy(h, 30, start=2),
+                                  R.kcenter_greedy(h.astype(np.float32), 30, start=2))
+
+
+def test_near_ties_below_half_precision(isa):
+    # Points differing by far less than a float16 (and float32) ulp of their coordinates:
+    # the filters cannot tell them apart, the exact float64 distances decide.
+    rng = np.random.default_rng(10)
+    base = (rng.standard_normal((40, 24)) * 100).astype(np.float32)
+    x = np.repeat(base, 8, axis=0)
+    x += (rng.integers(-3, 4, x.shape) * np.spacing(np.abs(x))).astype(np.float32)
+    np.testing.assert_array_equal(ops.kcenter_greedy(x, 200, start=3), R.kcenter_greedy(x, 200, start=3))
+    np.testing.assert_array_equal(ops.kcenter_greedy_approx(x, 200, seed=1),
+                                  R.kcenter_greedy_approx(x, 200, _anchors(len(x), 10, 1)))
+
+
+def test_extreme_magnitudes(isa):
+    rng = np.random.default_rng(8)
+    # float32 squares overflow / underflow here; the pruning must stay conservative.
+    for scale in (1e19, 1e-19, 1e36, 1e-40):
+        x = (rng.standard_normal((200, 9)) * scale).astype(np.float32)
+        np.testing.assert_array_equal(ops.kcenter_greedy(x, 40), R.kcenter_greedy(x, 40))
+    mixed = rng.standard_normal((200, 9)).astype(np.float32)
+    mixed[::3] *= np.float32(1e25)  # most rows vanish in the scaled half-precision copies
+    np.testing.assert_array_equal(ops.kcenter_greedy(mixed, 120), R.kcenter_greedy(mixed, 120))
+
+
+def test_bad_inputs(monkeypatch):
+    x = np.random.default_rng(9).standard_normal((10, 3)).astype(np.float32)
+    bad = x.copy()
+    bad[4, 1] = np.nan
+    for fn in (lambda a: ops.kcenter_greedy(a, 3), lambda a: ops.kcenter_greedy_approx(a, 3)):
+        with pytest.raises(ValueError, match="NaN"):
+            fn(bad)
+    with pytest.raises(ValueError, match="from 10 eligible"):
+        ops.kcenter_greedy(x, 11)
+    w = np.ones(10, np.float32)
+    w[[1, 2, 3]] = 0
+    with pytest.raises(ValueError, match="from 7 eligible"):
+        ops.kcenter_greedy(x, 8, sample_weight=w)
+    with pytest.raises(ValueError, match="sample_weight 0"):
+        ops.kcenter_greedy(x, 2, start=2, sample_weight=w)
+    for fn in (ops.kcenter_greedy, ops.kcenter_greedy_approx):
+        with pytest.raises(ValueError, match="from 0 eligible"):
+            fn(x, 1, sample_weight=np.zeros(10, np.float32))
+        with pytest.raises(ValueError, match=">= 0"):
+            fn(x, 1, sample_weight=-w)
+        with pytest.raises(ValueError, match="shape"):
+            fn(x, 1, sample_weight=np.ones(9, np.float32))
+        with pytest.raises(ValueError, match="'m'"):
+            fn(x, 0)
+        with pytest.raises(TypeError, match="float32"):
+            fn(x.astype(np.float64), 2)
+    with pytest.raises(ValueError, match="'start'"):
+        ops.kcenter_greedy(x, 2, start=10)
+    monkeypatch.setenv("SOFTPATCH_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match="SOFTPATCH_CPU_ISA"):
+        ops.kcenter_greedy(x, 2)

@@ -190,7 +190,8 @@ def aupro(masks: object, maps: object, fpr_limit: float = 0.3, num_thresholds: i
     if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, Real) or not 0.0 < float(fpr_limit) <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
     fpr, pro, _ = pro_curve(masks, maps, num_thresholds)
-    return _partial_trapezoid(fpr, pro, float(fpr_limit)) / float(fpr_limit)
+    # Clipped: float rounding of the trapezoid sum can overshoot 1 by an ulp.
+    return min(1.0, max(0.0, _partial_trapezoid(fpr, pro, float(fpr_limit)) / float(fpr_limit)))
 
 
 # ------------------------------------------------------------------------- F1-max

@@ -99,13 +99,43 @@ def test_gaussian_position_flags_the_planted_outlier():
     got = disc.outlier_scores(z, "gaussian", "position")
     assert got.shape == (40, 2, 2) and torch.all(got >= 1)
     assert int(got[:, 1, 0].argmax()) == 7
-    # Mahalanobis with a (lightly shrunk) covariance: compare with numpy on a clean position
+    # Mahalanobis with a Ledoit-Wolf covariance: compare with sklearn on a clean position
+    from sklearn.covariance import LedoitWolf
+
     x = z[:, 0, 0].double().numpy()
-    cov = np.cov(x, rowvar=False)
-    cov = 0.9 * cov + 0.1 * np.trace(cov) / 3 * np.eye(3)
     diff = x - x.mean(0)
-    ref = np.sqrt(np.einsum("nd,de,ne->n", diff, np.linalg.inv(cov), diff)) + 1
+    lw = LedoitWolf().fit(x).covariance_
+    ref = np.sqrt(np.einsum("nd,de,ne->n", diff, np.linalg.inv(lw), diff)) + 1
     np.testing.assert_allclose(got[:, 0, 0].numpy(), ref, rtol=1e-4)
+    # a fixed intensity: 0.9 * MLE covariance + 0.1 * mean variance * I
+    fixed = disc.outlier_scores(z, "gaussian", "position", gaussian_shrinkage=0.1)
+    cov = np.cov(x, rowvar=False, bias=True)
+    cov = 0.9 * cov + 0.1 * np.trace(cov) / 3 * np.eye(3)
+    ref = np.sqrt(np.einsum("nd,de,ne->n", diff, np.linalg.inv(cov), diff)) + 1
+    np.testing.assert_allclose(fixed[:, 0, 0].numpy(), ref, rtol=1e-4)
+    with pytest.raises(ValueError, match="gaussian_shrinkage"):
+        disc.outlier_scores(z, "gaussian", "position", gaussian_shrinkage=1.5)
+
+
+def test_ledoit_wolf_matches_sklearn_when_n_is_below_d():
+    from sklearn.covariance import LedoitWolf
+
+    x = torch.randn(1, 20, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    centred = x - x.mean(dim=1, keepdim=True)
+    got = disc._covariance(centred, "ledoit_wolf")[0].numpy()
+    np.testing.assert_allclose(got, LedoitWolf().fit(x[0].numpy()).covariance_, rtol=1e-6, atol=1e-9)
+
+
+def test_soft_weights_modes():
+    s = torch.tensor([1.0, 1.0, 1.04, 1.0, 0.96, 1.05, 0.95, 1.0, 5.0, 1.02])
+    kept = s < 4
+    out = disc.soft_weights([s], kept, "outlier")
+    assert torch.all(out >= 1) and out[8] > 3 and torch.all(out[:8] == 1)
+    med = disc.soft_weights([s], kept, "median")
+    np.testing.assert_allclose(float(med[kept].median()), 1.0, rtol=1e-6)
+    assert torch.all(disc.soft_weights([s], kept, "clamped") >= 1)
+    with pytest.raises(ValueError, match="weight_mode"):
+        disc.soft_weights([s], kept, "bogus")
 
 
 @pytest.mark.parametrize("method", disc.DISCRIMINATORS)

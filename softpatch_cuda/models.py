@@ -66,6 +66,22 @@ def _robust_limit(values: np.ndarray, factor: float) -> float:
     return med + factor * mad
 
 
+def _robust_outliers(raw: dict[str, torch.Tensor], factor: float | None, combine: str = "any") -> torch.Tensor | None:
+    """[N*P] bool: the patch's score exceeds median + factor * 1.4826 * MAD of all
+    patches' scores in at least one discriminator (``combine="any"``) or in every one
+    (``"all"``). None when factor is None (no such gate)."""
+    if factor is None:
+        return None
+    mask = None
+    for s in raw.values():
+        f = s.reshape(-1)
+        med = f.median()
+        mad = (f - med).abs().median() * 1.4826
+        hit = f > med + factor * mad
+        mask = hit if mask is None else (mask | hit if combine == "any" else mask & hit)
+    return mask
+
+
 # ------------------------------------------------------------------ validation
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
@@ -110,13 +126,23 @@ def _check_common(cfg: dict) -> None:
     # discriminator settings (PatchCore has none: it uses _DISCRIMINATOR_DEFAULTS)
     if "window" in cfg:
         _check_int("window", cfg["window"], 1)
+        if cfg.get("weight_mode", "outlier") not in disc.WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {list(disc.WEIGHT_MODES)}, got {cfg['weight_mode']!r}")
+        disc.check_shrinkage(cfg.get("gaussian_shrinkage", "ledoit_wolf"))
+        mad = cfg.get("removal_mad")
+        if mad is not None and (isinstance(mad, bool) or not isinstance(mad, (int, float)) or not mad >= 0):
+            raise ValueError(f"removal_mad must be None or a number >= 0, got {mad!r}")
         _check_int("lof_k", cfg["lof_k"], 1)
         _check_int("pool_size", cfg["pool_size"], 16)
         disc.check_alignment(cfg["alignment"])
 
 
 # What PatchCore's report-only discriminator uses (it takes no such arguments).
-_DISCRIMINATOR_DEFAULTS = {"alignment": "auto", "window": 1, "lof_k": 6, "pool_size": 4096}
+_DISCRIMINATOR_DEFAULTS = {
+    "alignment": "auto", "window": 1, "lof_k": 6, "pool_size": 4096, "weight_mode": "outlier",
+    "gaussian_shrinkage": "ledoit_wolf", "rank_scope": "global",
+    "removal_mad": 3.0, "seg_removal_gate": "all",
+}
 
 
 class _Detector:
@@ -294,6 +320,7 @@ class _Detector:
                 raw[m] = disc.outlier_scores(
                     z, m, alignment, k=k, window=self._opt("window"), pool_size=self._opt("pool_size"),
                     seed=cfg["seed"], graph_cache=cache, progress=cfg["progress"],
+                    gaussian_shrinkage=self._opt("gaussian_shrinkage"),
                 )
                 if not torch.isfinite(raw[m]).all():
                     raise ValueError(f"the {m!r} discriminator produced non-finite scores (duplicate images?)")
@@ -321,7 +348,12 @@ class _Detector:
             n_remove = disc.top_fraction_count(total, remove_fraction) if order_score is not None else 0
             if n_remove > 0:
                 worst = order_score.reshape(-1).topk(n_remove).indices
+                gate = self._opt("seg_removal_gate") if bank_name == "seg" else "any"
+                outlier_mask = _robust_outliers(raw, self._opt("removal_mad"), gate)
+                if outlier_mask is not None:  # "do no harm": only confirmed outliers go
+                    worst = worst[outlier_mask[worst]]
                 kept[worst] = False
+                n_remove = int(worst.numel())
             weights = None
             if raw:
                 normalised = self._weights(raw, kept)  # [N*P], an inlier ~ 1
@@ -369,9 +401,8 @@ class _Detector:
         return only
 
     def _weights(self, raw: dict[str, torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
-        """[N*P] soft weights: the outlier score over the median score of kept patches."""
-        (only,) = raw.values()
-        return disc.normalise_to_inliers(only.reshape(-1).clamp_min(0), kept)
+        """[N*P] soft weights (see :func:`discriminators.soft_weights`; ``weight_mode``)."""
+        return disc.soft_weights(list(raw.values()), kept, self._opt("weight_mode"))
 
     def _calibrate(self, emb: torch.Tensor, flagged: np.ndarray) -> tuple[float, np.ndarray]:
         """Threshold from training images scored without their own patches in the bank."""
@@ -599,6 +630,25 @@ class SoftPatch(_Detector):
         window: radius of the "window" alignment, in patch positions.
         pool_size: random patches the "global" alignment compares with.
         soft_weights: multiply the nearest-neighbour distance by the matched patch's weight.
+        weight_mode: how outlier scores become soft weights (see
+            :func:`discriminators.soft_weights`). "outlier" (default): 1 for every patch
+            below the robust outlier limit (median + 3 MAD), score / limit above it, so
+            normal patches are never amplified or damped. "median": score / median kept
+            score (the papers' reading; half of the normal patches weigh > 1).
+        gaussian_shrinkage: covariance shrinkage of the "gaussian" discriminator:
+            "ledoit_wolf" (default) or a fixed intensity (0.1 = the previous default).
+        removal_mad: "do no harm" gate of the hard denoising: a patch among the top
+            ``noise_threshold`` is removed only if its score also exceeds
+            median + removal_mad * 1.4826 * MAD of all scores (in at least one
+            discriminator). None: remove the whole top fraction (the papers).
+            Why: on the demo data a clean training set lost up to 10-20 image AUROC
+            points (nut) when 15 % of its normal patches were removed.
+
+    Measured (demo data, 6 categories x noise 0/0.2/0.4 x 2 data seeds, 128 px, 30
+    train images, efficientnet_lite0; small test sets, +-3 points per cell is noise):
+    mean image AUROC SoftPatch 85.9/87.8/85.8 (defaults) vs PatchCore 85.7/86.8/87.3,
+    pixel 92.7/93.5/94.6 vs 93.3/93.2/94.4 (3 data seeds). Paper-faithful settings
+    (weight_mode="median", removal_mad=None; seed 0): image 78.9/83.8/84.4.
     """
 
     model_type = "softpatch"
@@ -610,13 +660,16 @@ class SoftPatch(_Detector):
         device: str = "auto", batch_size: int = 16, seed: int = 0, progress: bool = False,
         distance: str = "l2", discriminator: str = "lof", lof_k: int = 6, noise_threshold: float = 0.15,
         alignment: str = "auto", window: int = 1, pool_size: int = 4096, soft_weights: bool = True,
+        weight_mode: str = "outlier", gaussian_shrinkage: float | str = "ledoit_wolf",
+        removal_mad: float | None = 3.0,
     ):
         super().__init__(
             backbone=backbone, layers=layers, weights=weights, pretrained=pretrained, embed_dim=embed_dim,
             proj_dim=proj_dim, coreset_ratio=coreset_ratio, resize=resize, crop=crop, device=device,
             batch_size=batch_size, seed=seed, progress=progress, distance=distance,
             discriminator=discriminator, lof_k=lof_k, noise_threshold=noise_threshold, alignment=alignment,
-            window=window, pool_size=pool_size, soft_weights=soft_weights,
+            window=window, pool_size=pool_size, soft_weights=soft_weights, weight_mode=weight_mode,
+            gaussian_shrinkage=gaussian_shrinkage, removal_mad=removal_mad,
         )
 
     def _validate_specific(self, cfg: dict) -> None:
@@ -645,8 +698,27 @@ class SoftPatchPlus(_Detector):
         seg_threshold: fraction removed for the segmentation bank (anomaly maps).
         alignment, window, pool_size, lof_k: as in :class:`SoftPatch`.
         soft_weights: soft weights are the mean over discriminators of each raw score
-            divided by its median over the kept patches (an inlier weighs ~1; ranks
-            themselves would give the most normal patch weight 0).
+            divided by a reference (``weight_mode``; ranks themselves would give the
+            most normal patch weight 0).
+        weight_mode, gaussian_shrinkage, removal_mad: as in :class:`SoftPatch`.
+            The paper-faithful setting is weight_mode="median", gaussian_shrinkage=0.1,
+            rank_scope="position", removal_mad=None.
+        rank_scope: "global" (default): rank the scores over all patches before fusing,
+            so positions with more outliers lose more patches; "position": within each
+            position's group (alignment "position" only), which removes the same share
+            at every position, also where there is nothing to clean.
+
+        seg_removal_gate: which patches the segmentation bank (up to ``seg_threshold``
+            removed) may lose: "all" (default) -- robust outliers in every
+            discriminator; "any" -- in at least one (as the classification bank).
+            Removing half of the patches on LOF's tail alone cost 0.7 pixel AUROC
+            points at noise 0 (rare normal patches went missing).
+
+    Measured (demo data, 6 categories x noise 0/0.2/0.4 x 3 data seeds, 128 px, 30 train
+    images; +-3 points per cell is noise): mean image AUROC 85.7/87.8/87.2 with the
+    defaults vs PatchCore 85.7/86.8/87.3; pixel AUROC 93.3/93.5/94.4 vs 93.3/93.2/94.4.
+    The paper-faithful setting (seed 0 only, PatchCore 83.4/83.1/84.6 image, 93.4/92.7/94.6
+    pixel there): image 83.8/83.1/86.9, pixel 91.4/91.7/93.2.
     """
 
     model_type = "softpatch_plus"
@@ -659,6 +731,8 @@ class SoftPatchPlus(_Detector):
         distance: str = "l2", discriminators: tuple[str, ...] | list[str] = ("lof", "gaussian"),
         fusion: str = "mean", cls_threshold: float = 0.15, seg_threshold: float = 0.5, alignment: str = "auto",
         window: int = 1, lof_k: int = 6, pool_size: int = 4096, soft_weights: bool = True,
+        weight_mode: str = "outlier", gaussian_shrinkage: float | str = "ledoit_wolf", rank_scope: str = "global",
+        removal_mad: float | None = 3.0, seg_removal_gate: str = "all",
     ):
         if isinstance(discriminators, str):
             discriminators = [discriminators]
@@ -668,7 +742,9 @@ class SoftPatchPlus(_Detector):
             batch_size=batch_size, seed=seed, progress=progress, distance=distance,
             discriminators=list(discriminators) if isinstance(discriminators, (list, tuple)) else discriminators,
             fusion=fusion, cls_threshold=cls_threshold, seg_threshold=seg_threshold, alignment=alignment,
-            window=window, lof_k=lof_k, pool_size=pool_size, soft_weights=soft_weights,
+            window=window, lof_k=lof_k, pool_size=pool_size, soft_weights=soft_weights, weight_mode=weight_mode,
+            gaussian_shrinkage=gaussian_shrinkage, rank_scope=rank_scope, removal_mad=removal_mad,
+            seg_removal_gate=seg_removal_gate,
         )
 
     def _validate_specific(self, cfg: dict) -> None:
@@ -681,6 +757,10 @@ class SoftPatchPlus(_Detector):
             raise ValueError(f"discriminators contain duplicates: {ds}")
         if cfg["fusion"] not in disc.FUSIONS:
             raise ValueError(f"fusion must be one of {list(disc.FUSIONS)}, got {cfg['fusion']!r}")
+        if cfg["seg_removal_gate"] not in ("any", "all"):
+            raise ValueError(f"seg_removal_gate must be 'any' or 'all', got {cfg['seg_removal_gate']!r}")
+        if cfg["rank_scope"] not in ("global", "position"):
+            raise ValueError(f"rank_scope must be 'global' or 'position', got {cfg['rank_scope']!r}")
         _check_fraction("cls_threshold", cfg["cls_threshold"], 0.0, 1.0, False)
         _check_fraction("seg_threshold", cfg["seg_threshold"], 0.0, 1.0, False)
         if not isinstance(cfg["soft_weights"], bool):
@@ -696,13 +776,9 @@ class SoftPatchPlus(_Detector):
         }
 
     def _order_score(self, raw: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
-        per_position = info.get("alignment") == "position"
+        per_position = self._config["rank_scope"] == "position" and info.get("alignment") == "position"
         ranks = [disc.rank_normalise(s, per_position) for s in raw.values()]
         return disc.fuse(ranks, self._config["fusion"])
-
-    def _weights(self, raw: dict[str, torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
-        parts = [disc.normalise_to_inliers(s.reshape(-1).clamp_min(0), kept) for s in raw.values()]
-        return torch.stack(parts).mean(dim=0)
 
 
 _MODEL_TYPES: dict[str, type[_Detector]] = {

@@ -5,9 +5,11 @@ One pipeline, three settings:
 * :class:`PatchCore`: no denoising, no soft weights. It still runs the default
   noise discriminator (LOF) for its :meth:`training_report`.
 * :class:`SoftPatch`: one discriminator; the top ``noise_threshold`` fraction of
-  patch outlier scores is excluded from the coreset; soft weights (outlier score
-  divided by the median score of kept patches, so an inlier weighs about 1) multiply
-  the nearest-neighbour distance at test time.
+  patch outlier scores is excluded from the coreset -- by default only patches that
+  are also robust outliers (``removal_mad``: above median + 3 MAD), so a clean set
+  loses no rare normal patches; soft weights (``weight_mode="outlier"``: 1 for every
+  inlier, score / outlier limit above it) multiply the nearest-neighbour distance at
+  test time. ``removal_mad=None, weight_mode="median"`` is the paper's setting.
 * :class:`SoftPatchPlus`: several discriminators fused by rank; a classification bank
   (``cls_threshold`` removed) scores images, a segmentation bank (``seg_threshold``
   removed) makes the maps.

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _harness as H  # noqa: E402
 
+H.import_softpatch_cuda()
 from softpatch_cuda import PatchCore, SoftPatch, SoftPatchPlus  # noqa: E402
 
 MODELS = {"patchcore": PatchCore, "softpatch": SoftPatch, "softpatch_plus": SoftPatchPlus}

@@ -37,6 +37,9 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 const char* isa_name(Isa isa);
 // Compiled into this module and supported by this CPU (CPUID + OS state).
 bool isa_supported(Isa isa);
+// The ISA that SOFTPATCH_CPU_ISA names (case and spaces ignored); false when it
+// is unset, empty or "auto". Throws std::invalid_argument for an unknown name.
+bool isa_requested_by_env(Isa* requested);
 // The best supported ISA, or the one SOFTPATCH_CPU_ISA names; throws
 // std::invalid_argument for an unknown name or an unsupported ISA.
 Isa active_isa();

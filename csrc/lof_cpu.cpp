@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_simd.h"
+
 // GCC 12 reports false "uninitialized" warnings inside its AVX-512 headers.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -41,7 +43,7 @@ namespace sp {
 namespace {
 
 // ------------------------------------------------------------------ ISA choice
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+using cpu::Isa;  // shared with knn/pairwise (cpu_simd.h)
 
 Isa best_isa() {
   static const Isa best = [] {
@@ -58,21 +60,12 @@ Isa best_isa() {
 
 // SOFTPATCH_CPU_ISA=avx512|avx2|scalar caps the instruction set (read on every
 // call so tests can exercise each path); a level the CPU lacks falls back to
-// the best one it has.
+// the best one it has (parsing shared with knn/pairwise: cpu_simd.h).
 Isa select_isa() {
-  Isa isa = best_isa();
-  const char* env = std::getenv("SOFTPATCH_CPU_ISA");
-  if (env && *env) {
-    std::string v(env);
-    Isa want;
-    if (v == "avx512") want = Isa::Avx512;
-    else if (v == "avx2") want = Isa::Avx2;
-    else if (v == "scalar") want = Isa::Scalar;
-    else
-      throw std::invalid_argument("SOFTPATCH_CPU_ISA must be 'avx512', 'avx2' or 'scalar', got '" + v + "'");
-    isa = std::min(isa, want);
-  }
-  return isa;
+  Isa best = best_isa();
+  Isa want;
+  if (!cpu::isa_requested_by_env(&want)) return best;
+  return std::min(best, want);
 }
 
 // ------------------------------------------------------------------ exact distance

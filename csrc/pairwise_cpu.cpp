@@ -219,26 +219,34 @@ bool isa_supported(Isa isa) {
   }
 }
 
-Isa active_isa() {
+bool isa_requested_by_env(Isa* requested) {
   const char* env = std::getenv("SOFTPATCH_CPU_ISA");
   std::string want;
   for (const char* c = env ? env : ""; *c; ++c)
     if (!std::isspace(static_cast<unsigned char>(*c)))
       want += char(std::tolower(static_cast<unsigned char>(*c)));
-  if (want.empty() || want == "auto") {
+  if (want.empty() || want == "auto") return false;
+  for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Scalar}) {
+    if (want == isa_name(isa)) {
+      *requested = isa;
+      return true;
+    }
+  }
+  throw std::invalid_argument("SOFTPATCH_CPU_ISA=" + std::string(env) +
+                              ": expected one of avx512, avx2, scalar, auto");
+}
+
+Isa active_isa() {
+  Isa want;
+  if (!isa_requested_by_env(&want)) {
     for (Isa isa : {Isa::Avx512, Isa::Avx2})
       if (isa_supported(isa)) return isa;
     return Isa::Scalar;
   }
-  for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Scalar}) {
-    if (want != isa_name(isa)) continue;
-    if (!isa_supported(isa))
-      throw std::invalid_argument("SOFTPATCH_CPU_ISA=" + want +
-                                  ": not supported by this CPU or not compiled into this build");
-    return isa;
-  }
-  throw std::invalid_argument("SOFTPATCH_CPU_ISA=" + std::string(env) +
-                              ": expected one of avx512, avx2, scalar, auto");
+  if (!isa_supported(want))
+    throw std::invalid_argument(std::string("SOFTPATCH_CPU_ISA=") + isa_name(want) +
+                                ": not supported by this CPU or not compiled into this build");
+  return want;
 }
 
 }  // namespace cpu

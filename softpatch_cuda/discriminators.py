@@ -417,15 +417,6 @@ def fuse(ranks: Sequence[torch.Tensor], fusion: str = "mean") -> torch.Tensor:
     return stacked.mean(dim=0) if fusion == "mean" else stacked.amax(dim=0)
 
 
-def normalise_to_inliers(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Divide by the median score of the kept (inlier) patches, so a typical inlier
-    scores 1: soft weights then leave normal matches unchanged and amplify only
-    matches to outlier-like memory patches."""
-    ref = scores[kept] if bool(kept.any()) else scores.reshape(-1)
-    med = ref.median().clamp_min(1e-12)
-    return scores / med
-
-
 WEIGHT_MODES: tuple[str, ...] = ("outlier", "clamped", "median")
 OUTLIER_WEIGHT_MAD = 3.0
 CLAMPED_WEIGHT_QUANTILE = 0.9

@@ -40,6 +40,13 @@ bool isa_supported(Isa isa);
 // The ISA that SOFTPATCH_CPU_ISA names (case and spaces ignored); false when it
 // is unset, empty or "auto". Throws std::invalid_argument for an unknown name.
 bool isa_requested_by_env(Isa* requested);
+// `best` capped at the level SOFTPATCH_CPU_ISA names (lof/kcenter: a level the
+// CPU lacks falls back to the best one it has).
+inline Isa isa_capped_by_env(Isa best) {
+  Isa want;
+  if (!isa_requested_by_env(&want)) return best;
+  return want < best ? want : best;
+}
 // The best supported ISA, or the one SOFTPATCH_CPU_ISA names; throws
 // std::invalid_argument for an unknown name or an unsupported ISA.
 Isa active_isa();

@@ -61,12 +61,7 @@ Isa best_isa() {
 // SOFTPATCH_CPU_ISA=avx512|avx2|scalar caps the instruction set (read on every
 // call so tests can exercise each path); a level the CPU lacks falls back to
 // the best one it has (parsing shared with knn/pairwise: cpu_simd.h).
-Isa select_isa() {
-  Isa best = best_isa();
-  Isa want;
-  if (!cpu::isa_requested_by_env(&want)) return best;
-  return std::min(best, want);
-}
+Isa select_isa() { return cpu::isa_capped_by_env(best_isa()); }
 
 // ------------------------------------------------------------------ exact distance
 // numpy's float64 ((a - b) ** 2).sum(): pairwise sum with 8 interleaved

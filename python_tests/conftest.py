@@ -34,4 +34,18 @@ def rng():
     return np.random.default_rng(12345)
 
 
+CPU_ISAS = ("avx512", "avx2", "scalar")
+SUPPORTED_CPU_ISAS = softpatch_cuda.build_info()["cpu_isas"]
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request, monkeypatch):
+    """Run a test once per CPU instruction-set path (SOFTPATCH_CPU_ISA); paths this
+    CPU or build lacks are skipped."""
+    if request.param not in SUPPORTED_CPU_ISAS:
+        pytest.skip(f"{request.param} not supported here (supported: {SUPPORTED_CPU_ISAS})")
+    monkeypatch.setenv("SOFTPATCH_CPU_ISA", request.param)
+    return request.param
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -16,16 +16,11 @@ import torch
 from softpatch_cuda import _reference as R
 from softpatch_cuda import ops
 
+from conftest import CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _harness as H  # noqa: E402
 
-ISAS = ["avx512", "avx2", "scalar"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SOFTPATCH_CPU_ISA", request.param)
-    return request.param
 
 
 def _anchors(n: int, n_anchors: int, seed: int) -> np.ndarray:

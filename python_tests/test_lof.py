@@ -12,13 +12,8 @@ from sklearn.neighbors import LocalOutlierFactor
 from softpatch_cuda import _reference as R
 from softpatch_cuda import ops
 
-ISAS = ["avx512", "avx2", "scalar"]
+from conftest import CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
 
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SOFTPATCH_CPU_ISA", request.param)
-    return request.param
 
 
 def _sklearn(x: np.ndarray, k: int) -> np.ndarray:

@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import softpatch_cuda
 from softpatch_cuda import _reference as ref
 from softpatch_cuda import ops
 
-ALL_ISAS = ("avx512", "avx2", "scalar")
-SUPPORTED = softpatch_cuda.build_info()["cpu_isas"]
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request, monkeypatch):
-    if request.param not in SUPPORTED:
-        pytest.skip(f"{request.param} not supported here (supported: {SUPPORTED})")
-    monkeypatch.setenv("SOFTPATCH_CPU_ISA", request.param)
-    return request.param
+from conftest import SUPPORTED_CPU_ISAS as SUPPORTED  # noqa: E402  (the `isa` fixture lives there too)
 
 
 def randn(rng, *shape, dtype=np.float32):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from softpatch_cuda.backbone import DEFAULT_LAYERS, FeatureExtractor, lite0_package_state_dict
+from softpatch_cuda.backbone import BACKBONE_DEFAULTS, FeatureExtractor, lite0_package_state_dict
 from softpatch_cuda.data import ImageTransform, iter_batches
 
 
@@ -35,7 +35,7 @@ def test_resnet18_layers_shapes_and_frozen():
 
 def test_lite0_default_layers():
     fe = _random("efficientnet_lite0")
-    assert fe.layers == DEFAULT_LAYERS["efficientnet_lite0"] == ["blocks.2", "blocks.4"]
+    assert fe.layers == list(BACKBONE_DEFAULTS["efficientnet_lite0"].layers) == ["blocks.2", "blocks.4"]
     assert fe.channels == [40, 112] and fe.strides == [8, 16]
     feats = fe(torch.rand(1, 3, 224, 224))
     assert [tuple(f.shape[-2:]) for f in feats] == [(28, 28), (14, 14)]

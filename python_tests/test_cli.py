@@ -20,6 +20,7 @@ from PIL import Image
 
 from conftest import package_env
 from softpatch_cuda import cli
+from softpatch_cuda.demo import app as demo_app
 
 TINY_MODEL = ["--backbone", "resnet18", "--layers", "layer2,layer3", "--no-pretrained",
               "--resize", "32", "--crop", "32", "--device", "cpu", "--seed", "0"]
@@ -67,16 +68,6 @@ def tiny(tmp_path_factory):
     return make_tiny_mvtec(tmp_path_factory.mktemp("mvtec"))
 
 
-def _models_available() -> bool:
-    try:
-        cli._model_classes()
-        from softpatch_cuda import load_model  # noqa: F401
-    except (ImportError, AttributeError):
-        return False
-    return True
-
-
-needs_models = pytest.mark.skipif(not _models_available(), reason="softpatch_cuda models not available yet")
 
 
 # ------------------------------------------------------------------ help / version
@@ -190,7 +181,6 @@ def test_model_kwargs_mapping():
 
 
 # ------------------------------------------------------------------ end to end
-@needs_models
 def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     train = tiny / "widget" / "train" / "good"
     model = tmp_path / "models" / "widget.softpatch"
@@ -239,7 +229,6 @@ def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     assert captured.err.strip() == ""
 
 
-@needs_models
 def test_evaluate_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"
     proc = run_cli(["evaluate", "--dataset", "mvtec", "--root", str(tiny), "--noise", "0.25", "--model", "softpatch",
@@ -262,10 +251,9 @@ def test_evaluate_end_to_end(tiny, tmp_path):
     assert sorted(p.name for p in (out / "models").iterdir()) == ["gadget.softpatch", "widget.softpatch"]
 
 
-@needs_models
 def test_demo_tiny(tmp_path, capsys):
-    pytest.importorskip("softpatch_cuda.data.demo")
-    from softpatch_cuda.data.demo import DEMO_CATEGORIES
+    pytest.importorskip("softpatch_cuda.demo")
+    from softpatch_cuda.demo import DEMO_CATEGORIES
 
     cats = list(DEMO_CATEGORIES[:2])
     out = tmp_path / "demo"
@@ -289,25 +277,25 @@ def test_demo_tiny(tmp_path, capsys):
         for item in c["flagged"]:
             assert item["planted"] == (item["source"] in c["noise_record"]["added"])
     assert set(data["mean"]) == {"SoftPatch+", "PatchCore"}
-    assert (out / "data" / cli.DEMO_MARKER).is_file() and (out / "images" / cli.DEMO_MARKER).is_file()
+    assert (out / "data" / demo_app.DEMO_MARKER).is_file() and (out / "images" / demo_app.DEMO_MARKER).is_file()
 
 
 def test_demo_folder_is_rebuilt_only_when_ours(tmp_path):
     data = tmp_path / "data"
-    cli._prepare_demo_folder(data)
+    demo_app._prepare_demo_folder(data)
     (data / "old.png").write_bytes(b"x")
-    cli._prepare_demo_folder(data)  # ours (marker): emptied and rebuilt
-    assert sorted(p.name for p in data.iterdir()) == [cli.DEMO_MARKER]
+    demo_app._prepare_demo_folder(data)  # ours (marker): emptied and rebuilt
+    assert sorted(p.name for p in data.iterdir()) == [demo_app.DEMO_MARKER]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("x")
     with pytest.raises(cli.UsageError, match="not a demo dataset folder written by"):
-        cli._prepare_demo_folder(foreign)
+        demo_app._prepare_demo_folder(foreign)
     assert (foreign / "mine.txt").is_file()
 
 
 def test_demo_rejects_too_much_noise(tmp_path, capsys):
-    pytest.importorskip("softpatch_cuda.data.demo")
+    pytest.importorskip("softpatch_cuda.demo")
     argv = ["demo", "--out", str(tmp_path / "d"), "--noise", "0.5", "--n-train", "10", "--n-test-defect", "4"]
     assert cli.main(argv) == 2
     assert "lower --noise" in capsys.readouterr().err

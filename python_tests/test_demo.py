@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softpatch_cuda.data import demo
-from softpatch_cuda.data.demo import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
+from softpatch_cuda.demo import synthetic as demo
+from softpatch_cuda.demo import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
 
 SIZE = 64
 COUNTS = dict(n_train=3, n_test_good=2, n_test_defect=5)  # 5 >= every category's number of defect types

@@ -8,7 +8,8 @@ import torch
 from scipy import ndimage
 from sklearn.neighbors import LocalOutlierFactor
 
-from softpatch_cuda import discriminators as disc
+from softpatch_cuda import denoise as disc
+from softpatch_cuda.denoise import gaussian, graphs
 from softpatch_cuda.memory_bank import MemoryBank, build_bank
 from softpatch_cuda.postprocess import gaussian_blur, map_to_input_size, patch_scores_to_maps
 
@@ -35,7 +36,7 @@ def test_lof_from_graph_equals_sklearn_on_the_full_graph():
     np.fill_diagonal(d, np.inf)
     idx = np.argsort(d, axis=1, kind="stable")[:, :5]
     dist = np.take_along_axis(d, idx, 1)
-    got = disc.lof_from_graph(torch.from_numpy(dist).float(), torch.from_numpy(idx)).numpy()
+    got = graphs.lof_from_graph(torch.from_numpy(dist).float(), torch.from_numpy(idx)).numpy()
     np.testing.assert_allclose(got, _sk_lof(x, 5), rtol=1e-4)
 
 
@@ -61,7 +62,7 @@ def test_window_graph_matches_brute_force():
         (py, px), (qy, qx) = divmod(p, w), divmod(q, w)
         return j != i and abs(py - qy) <= 1 and abs(px - qx) <= 1
 
-    dist, idx = disc.window_graph(z, k, radius=1)
+    dist, idx = graphs.window_graph(z, k, radius=1)
     ref = _brute_neighbours(z.numpy(), allowed)
     for a in range(dist.shape[0]):
         np.testing.assert_allclose(dist[a].numpy(), ref[a][:k], rtol=1e-5, atol=1e-5)
@@ -73,8 +74,8 @@ def test_window_graph_matches_brute_force():
 def test_global_graph_excludes_own_image_and_uses_the_pool():
     z = _features(n=9, h=3, w=3, d=4, seed=3)
     p = 9
-    dist, idx = disc.global_graph(z, 5, pool_size=40, seed=0)
-    pool = set(disc._global_pool(9, p, 40, 0, "cpu").tolist())
+    dist, idx = graphs.global_graph(z, 5, pool_size=40, seed=0)
+    pool = set(graphs.global_pool(9, p, 40, 0, "cpu").tolist())
     images = torch.arange(9 * p) // p
     assert not (idx // p == images[:, None]).any()
     assert set(idx.flatten().tolist()) <= pool
@@ -122,7 +123,7 @@ def test_ledoit_wolf_matches_sklearn_when_n_is_below_d():
 
     x = torch.randn(1, 20, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     centred = x - x.mean(dim=1, keepdim=True)
-    got = disc._covariance(centred, "ledoit_wolf")[0].numpy()
+    got = gaussian.covariance(centred, "ledoit_wolf")[0].numpy()
     np.testing.assert_allclose(got, LedoitWolf().fit(x[0].numpy()).covariance_, rtol=1e-6, atol=1e-9)
 
 

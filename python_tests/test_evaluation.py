@@ -191,34 +191,42 @@ def test_model_transform_from_config():
 
 # ------------------------------------------------------------------ benchmarks/bench_accuracy.py smoke run
 def test_bench_accuracy_smoke(tmp_path):
-    """Tiny run (random resnet18, 32 px): it runs and writes complete JSON + markdown."""
+    """Tiny run (random resnet18, 32 px, demo data): both protocols, two seeds, complete
+    JSON (metrics, what the denoising did, contamination detection) and markdown."""
     import subprocess
     import sys
 
     from conftest import package_env
 
-    pytest.importorskip("softpatch_cuda.data.demo")
-    try:
-        from softpatch_cuda import PatchCore  # noqa: F401
-    except ImportError:
-        pytest.skip("models not available yet")
+    pytest.importorskip("softpatch_cuda.demo")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py"
     out = tmp_path / "res"
     proc = subprocess.run(
-        [sys.executable, str(script), "--categories", "nut", "--noise", "0,0.25", "--models", "patchcore",
-         "--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--n-train", "8", "--n-test-good", "2",
-         "--n-test-defect", "4", "--out", str(out)],
+        [sys.executable, str(script), "--demo", "--categories", "nut", "--noise", "0,0.25", "--seeds", "0,1",
+         "--models", "patchcore,softpatch-plus", "--backbone", "resnet18", "--no-pretrained", "--image-size", "32",
+         "--n-train", "8", "--n-test-good", "2", "--n-test-defect", "4", "--no-aupro", "--name", "smoke",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=package_env(), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((out / "accuracy_cpu.json").read_text())
+    data = json.loads((out / "accuracy_smoke.json").read_text())
     rows = data["rows"]
-    assert [(r["noise"], r["model"]) for r in rows] == [(0.0, "patchcore"), (0.25, "patchcore")]
-    assert [r["n_planted"] for r in rows] == [0, 2]
-    assert [r["n_train"] for r in rows] == [8, 10]
-    assert [r["n_test"] for r in rows] == [6, 4]  # no-overlap: planted images left the test set
+    # noise 0: one run per model; noise 0.25: 2 seeds x 2 protocols per model
+    assert len(rows) == 2 + 2 * 2 * 2
+    clean = [r for r in rows if r["noise"] == 0.0]
+    assert {r["protocol"] for r in clean} == {"clean"} and all(r["n_planted"] == 0 and r["n_test"] == 6 for r in clean)
+    noisy = [r for r in rows if r["noise"] == 0.25]
+    assert {(r["seed"], r["protocol"]) for r in noisy} == {(s, p) for s in (0, 1) for p in ("no-overlap", "overlap")}
+    assert all(r["n_planted"] == 2 and r["n_train_clean"] == 8 for r in noisy)
+    # no-overlap: the planted images left the test set; overlap: they stayed
+    assert {r["n_test"] for r in noisy if r["protocol"] == "no-overlap"} == {4}
+    assert {r["n_test"] for r in noisy if r["protocol"] == "overlap"} == {6}
     assert all(r["image_auroc"] is not None and r["pixel_auroc"] is not None for r in rows)
-    assert "cpu_model" in data["machine"] and set(data["means"]) == {"patchcore@0", "patchcore@0.25"}
-    assert [len(r["added"]) for r in data["noise_records"]] == [0, 2]
-    md = (out / "accuracy_cpu.md").read_text()
-    assert "## Mean image AUROC" in md and "| PatchCore |" in md and "noise 0.25" in md and "load average" in md
+    plus = [r for r in noisy if r["model"] == "softpatch-plus"]
+    assert all("cls_removed_share" in r["denoising"] and "seg_removed_share" in r["denoising"] for r in plus)
+    assert all(set(r["contamination_detection"]) >= {"auroc", "precision", "recall", "flagged"} for r in plus)
+    assert "cpu_model" in data["machine"]
+    md = (out / "accuracy_smoke.md").read_text()
+    for text in ("## Mean image AUROC, no-overlap", "## Mean pixel AUROC, overlap", "What the denoising did",
+                 "| softpatch-plus |", "noise 0.25", "load average"):
+        assert text in md

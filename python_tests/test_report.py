@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from softpatch_cuda import report
+from softpatch_cuda.demo import html as demo_html
 
 
 # ------------------------------------------------------------------ colormap
@@ -175,7 +176,7 @@ def _fake_results(tmp_path: Path) -> dict:
 
 def test_demo_report_html_is_self_contained_with_relative_links(tmp_path):
     results = _fake_results(tmp_path)
-    path = report.write_demo_report(results, tmp_path)
+    path = demo_html.write_demo_report(results, tmp_path)
     text = path.read_text()
     assert path == tmp_path / "report.html"
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")

@@ -7,8 +7,6 @@ see :mod:`softpatch_cuda.ops`.
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
-
 try:
     from . import _core
 except ImportError as exc:  # a source tree without its compiled module
@@ -18,14 +16,10 @@ except ImportError as exc:  # a source tree without its compiled module
     ) from exc
 from . import ops
 from ._core import CudaError
-from .models import PatchCore, SoftPatch, SoftPatchPlus, load_model
+from ._version import __version__
+from .models import Detector, PatchCore, SoftPatch, SoftPatchPlus, load_model
 from .results import Prediction, TrainingReport
 from .runtime import cuda_available, cuda_unavailable_reason, resolve_device
-
-try:
-    __version__ = _metadata.version("softpatch-cuda")
-except _metadata.PackageNotFoundError:  # running from a source tree (developer build)
-    __version__ = _core.build_info()["version"]
 
 
 def build_info() -> dict:
@@ -39,6 +33,7 @@ def build_info() -> dict:
 
 __all__ = [
     "CudaError",
+    "Detector",
     "PatchCore",
     "Prediction",
     "SoftPatch",

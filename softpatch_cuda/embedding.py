@@ -8,22 +8,15 @@ the shallowest layer's grid; each layer's vector is adaptive-average-pooled to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from .backbone import FeatureExtractor
+from .backbone import FALLBACK_EMBED_DIM, FeatureExtractor, backbone_defaults
+from .data.images import ImageTransform, count_images, iter_batches
 
-# Default embedding size per backbone. WRN-50-2: the paper's 1024. efficientnet_lite0:
-# its layers give 40*9 = 360 and 112*9 = 1008 values, so 384 keeps the shallow layer
-# intact while making k-NN (cost ~ patches x bank x D) about 2.7x cheaper than 1024,
-# which the CPU speed targets (fit 200 images < 60 s, predict >= 5 images/s) need.
-DEFAULT_EMBED_DIM: dict[str, int] = {
-    "wide_resnet50_2": 1024,
-    "wide_resnet101_2": 1024,
-    "efficientnet_lite0": 384,
-    "resnet18": 384,
-}
-FALLBACK_EMBED_DIM = 1024
 
 
 def _neighbourhood_grid(feature: torch.Tensor, patch_size: int, size: tuple[int, int]) -> torch.Tensor:
@@ -60,7 +53,8 @@ class PatchEmbedder:
 
     def __init__(self, extractor: FeatureExtractor, embed_dim: int | None = None, patch_size: int = 3):
         if embed_dim is None:
-            embed_dim = DEFAULT_EMBED_DIM.get(extractor.backbone_name, FALLBACK_EMBED_DIM)
+            defaults = backbone_defaults(extractor.backbone_name)
+            embed_dim = defaults.embed_dim if defaults else FALLBACK_EMBED_DIM
         if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if not isinstance(patch_size, int) or patch_size < 1 or patch_size % 2 == 0:
@@ -95,3 +89,45 @@ def random_projection(in_dim: int, out_dim: int = 128, seed: int = 0, device="cp
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     matrix = torch.randn(in_dim, out_dim, generator=gen, dtype=torch.float32) / (out_dim ** 0.5)
     return matrix.to(device)
+
+
+@dataclass
+class EmbeddedImages:
+    """The embed phase's output: patch embeddings [N, h, w, D] (on the embedder's
+    device) and, per image, its name, source path (None in memory) and (height, width)."""
+
+    embeddings: torch.Tensor
+    names: list[str]
+    sources: list[str | None]
+    sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+def embed_batch(embedder: PatchEmbedder, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] pixels -> [B, h, w, D] embeddings, with NaN checks on both sides."""
+    if not torch.isfinite(pixels).all():
+        raise ValueError("images contain NaN or infinite pixel values")
+    emb = embedder(pixels.to(embedder.device))
+    if not torch.isfinite(emb).all():
+        raise ValueError("the backbone produced NaN/inf features for these images (check the weights)")
+    return emb
+
+
+def embed_images(embedder: PatchEmbedder, images: Any, transform: ImageTransform, batch_size: int,
+                 progress: bool = False, desc: str = "features") -> EmbeddedImages:
+    """Every image (any input ``iter_batches`` accepts) through the transform and the embedder."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    chunks, names, sources, sizes = [], [], [], []
+    with tqdm(total=count_images(images), desc=desc, unit="img", disable=not progress) as bar:
+        for batch in iter_batches(images, transform, batch_size):
+            chunks.append(embed_batch(embedder, batch.pixels))
+            names += batch.names
+            sources += batch.sources
+            sizes += batch.sizes
+            bar.update(len(batch))
+    if not chunks:
+        raise ValueError("images: no images were given")
+    return EmbeddedImages(torch.cat(chunks), names, sources, sizes)

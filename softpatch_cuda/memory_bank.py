@@ -21,6 +21,12 @@ from . import ops
 logger = logging.getLogger(__name__)
 
 DISTANCES = ("l2", "squared_l2")
+# Image score from the patch scores: "max" (PatchCore / SoftPatch reference code) or
+# "reweighted" (PatchCore paper, eq. 7: the largest patch score times
+# 1 - softmax of its distances to the matched bank patch's REWEIGHT_NEIGHBOURS
+# nearest bank patches, so a match in a sparse region of the bank counts more).
+IMAGE_SCORES = ("max", "reweighted")
+REWEIGHT_NEIGHBOURS = 9
 
 
 @dataclass
@@ -44,25 +50,73 @@ class MemoryBank:
             self.distance,
         )
 
-    def score(self, queries: torch.Tensor, exclude_images: torch.Tensor | None = None) -> torch.Tensor:
-        """[q, D] -> [q] patch scores: distance to the nearest bank row, times its weight.
+    def without_images(self, images: torch.Tensor) -> "MemoryBank":
+        """The bank without the rows that came from these training images."""
+        keep = ~torch.isin(self.source_image, images.to(self.source_image.device))
+        if not bool(keep.any()):
+            raise ValueError("cannot score against an empty memory bank (every row excluded)")
+        return MemoryBank(self.features[keep], None if self.weights is None else self.weights[keep],
+                          self.source_image[keep], self.distance)
+
+    def score(self, queries: torch.Tensor, exclude_images: torch.Tensor | None = None,
+              return_index: bool = False):
+        """[q, D] -> [q] patch scores: distance to the nearest bank row, times its weight
+        (and, with ``return_index``, that row's index in the bank scored against).
 
         ``exclude_images``: bank rows from these training images are ignored (used to
         score training images as if unseen, for the threshold calibration).
         """
-        features, weights = self.features, self.weights
         if exclude_images is not None:
-            keep = ~torch.isin(self.source_image, exclude_images.to(self.source_image.device))
-            if not bool(keep.any()):
-                raise ValueError("cannot score against an empty memory bank (every row excluded)")
-            features = features[keep]
-            weights = None if weights is None else weights[keep]
-        res = ops.knn(queries, features, 1, weights=weights, check_finite=False)
+            return self.without_images(exclude_images).score(queries, return_index=return_index)
+        res = ops.knn(queries, self.features, 1, weights=self.weights, check_finite=False)
+        index = res.indices[:, 0]
         dist = res.distances[:, 0]
         if self.distance == "squared_l2":
             dist = dist * dist
-            return dist if weights is None else dist * weights[res.indices[:, 0]]
-        return dist if weights is None else res.scores
+            scores = dist if self.weights is None else dist * self.weights[index]
+        else:
+            scores = dist if self.weights is None else res.scores
+        return (scores, index) if return_index else scores
+
+    def image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor,
+                     mode: str = "max") -> torch.Tensor:
+        """[B, P] patch scores -> [B] image scores (see IMAGE_SCORES).
+
+        queries [B*P, D] are the patches that were scored, nearest [B*P] the bank row each
+        matched (from ``score(..., return_index=True)``); only "reweighted" uses them.
+        """
+        top, where = patch_scores.max(dim=1)
+        if mode == "max":
+            return top
+        b, p = patch_scores.shape
+        rows = torch.arange(b, device=patch_scores.device) * p + where
+        matched = nearest[rows]  # m* for every image
+        k = min(REWEIGHT_NEIGHBOURS, len(self))
+        support = ops.knn(self.features[matched], self.features, k, check_finite=False).indices  # includes m*
+        dist = (queries[rows][:, None, :] - self.features[support]).norm(dim=2)  # [B, k]
+        weight = 1.0 - torch.softmax(dist, dim=1)[:, 0]
+        return weight * top
+
+
+def build_banks(
+    embeddings: torch.Tensor,
+    projected: torch.Tensor,
+    image_index: torch.Tensor,
+    kept: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor | None],
+    coreset_ratio: float,
+    seed: int = 0,
+    distance: str = "l2",
+    progress: bool = False,
+) -> dict[str, MemoryBank]:
+    """One bank per entry of ``kept`` (same arguments as :func:`build_bank`)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    banks = {}
+    for name in tqdm(list(kept), desc="coreset", unit="bank", disable=not progress):
+        banks[name], _ = build_bank(embeddings, projected, image_index, kept[name], weights.get(name),
+                                    coreset_ratio, seed=seed, distance=distance)
+    return banks
 
 
 def coreset_size(n_kept: int, ratio: float) -> int:

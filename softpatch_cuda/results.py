@@ -66,10 +66,12 @@ class TrainingReport:
     Attributes:
         names, sources: the training images, in training order.
         scores: [N] float32 contamination score: the mean of the image's top 5 % patch
-            outlier scores, each normalised so that a typical (kept) patch scores 1.
+            outlier scores, each divided by its discriminator's median (a typical patch
+            scores 1).
         flagged: [N] bool, likely defective: ``score > threshold``.
-        threshold: ``median + 3 * 1.4826 * MAD`` of the scores (robust: a minority of
-            defective images does not move it).
+        threshold: ``median + 3 * 1.4826 * MAD`` of the scores, the MAD floored (robust:
+            a minority of defective images does not move it, and images that all score
+            alike are not flagged).
         removed_fraction: [N] float32 fraction of the image's patches excluded from the
             memory bank (0 for PatchCore).
     """
@@ -83,6 +85,18 @@ class TrainingReport:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @classmethod
+    def from_denoising(cls, names: list[str], sources: list[str | None], result=None) -> "TrainingReport":
+        """The training report phase: one row per image from a :class:`DenoiseResult`
+        (None when the discriminators could not run: scores NaN, nothing flagged)."""
+        n = len(names)
+        if result is None:
+            return cls(list(names), list(sources), np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=bool),
+                       float("nan"), np.zeros(n, dtype=np.float32))
+        return cls(list(names), list(sources), np.asarray(result.image_scores, dtype=np.float32),
+                   np.asarray(result.flagged, dtype=bool), float(result.flag_limit),
+                   np.asarray(result.removed_fraction, dtype=np.float32))
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` most contaminated-looking images, highest score first."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 FORMAT_NAME = "softpatch_cuda.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "softpatch_cuda"
 
 

@@ -1,7 +1,7 @@
 """Input data: image/mask loading, the model's input transform and batching.
 
-Dataset loaders (MVTec AD, VisA, BTAD, folders), noise injection and the demo
-dataset live in the sibling modules of this package.
+Dataset loaders (MVTec AD, VisA, BTAD, folders) and noise injection live in the
+sibling modules of this package; the demo dataset in :mod:`softpatch_cuda.demo`.
 """
 
 from .images import (
@@ -31,13 +31,10 @@ from .datasets import (
     load_visa,
     read_mask,
 )
-from .demo import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
 from .noise import NoiseRecord, apply_noise, apply_noise_record
 
 __all__ = [
     "BTAD_CATEGORIES",
-    "DEMO_CATEGORIES",
-    "DEMO_DEFECT_TYPES",
     "MVTEC_CATEGORIES",
     "VISA_CATEGORIES",
     "DatasetSplit",
@@ -46,7 +43,6 @@ __all__ = [
     "apply_noise",
     "apply_noise_record",
     "list_categories",
-    "make_demo_dataset",
     "load_btad",
     "load_dataset",
     "load_folder",

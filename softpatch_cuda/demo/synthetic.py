@@ -1050,7 +1050,7 @@ def _category_images(root: Path, category: str, n_train: int, n_test_good: int, 
     train_dir.mkdir(parents=True, exist_ok=True)
     good_dir.mkdir(parents=True, exist_ok=True)
     # marker first: a run that dies half-way leaves a folder the next run may clean up
-    marker = dict(generator="softpatch_cuda.data.demo.make_demo_dataset", category=category, n_train=n_train,
+    marker = dict(generator="softpatch_cuda.demo.make_demo_dataset", category=category, n_train=n_train,
                   n_test_good=n_test_good, n_test_defect=n_test_defect, image_size=image_size, seed=seed)
     (cat_dir / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
     for split, folder, count in (("train", train_dir, n_train), ("test_good", good_dir, n_test_good)):

@@ -1,0 +1,31 @@
+"""Package-level contracts: what ``import softpatch_cuda`` loads, the version's one source."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import package_env
+
+
+def test_import_loads_neither_demo_nor_scipy(tmp_path):
+    code = (
+        "import sys, softpatch_cuda\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'skimage', 'sklearn')\n"
+        "               or m.startswith('softpatch_cuda.demo'))\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=package_env(),
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"import softpatch_cuda loaded: {out.stdout.strip()}"
+
+
+def test_version_has_one_source():
+    import softpatch_cuda
+    from softpatch_cuda import _core
+    from softpatch_cuda._version import __version__
+
+    assert softpatch_cuda.__version__ == __version__
+    # the compiled module gets the same version from the build (pyproject reads _version.py)
+    assert _core.build_info()["version"] == __version__

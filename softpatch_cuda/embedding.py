@@ -8,6 +8,7 @@ the shallowest layer's grid; each layer's vector is adaptive-average-pooled to
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,9 +101,22 @@ class EmbeddedImages:
     names: list[str]
     sources: list[str | None]
     sizes: list[tuple[int, int]]
+    digests: list[str] | None = None  # per image, a hash of its model-input pixels (finds duplicates)
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
+
+    def subset(self, indices) -> "EmbeddedImages":
+        idx = [int(i) for i in indices]
+        return EmbeddedImages(self.embeddings[idx], [self.names[i] for i in idx], [self.sources[i] for i in idx],
+                              [self.sizes[i] for i in idx],
+                              None if self.digests is None else [self.digests[i] for i in idx])
+
+
+def pixel_digests(pixels: torch.Tensor) -> list[str]:
+    """SHA-1 of each image's transformed pixels: identical inputs, identical digests."""
+    flat = pixels.detach().to("cpu", torch.float32).contiguous().reshape(pixels.shape[0], -1).numpy()
+    return [hashlib.sha1(row.tobytes()).hexdigest() for row in flat]
 
 
 def embed_batch(embedder: PatchEmbedder, pixels: torch.Tensor) -> torch.Tensor:
@@ -120,14 +134,23 @@ def embed_images(embedder: PatchEmbedder, images: Any, transform: ImageTransform
     """Every image (any input ``iter_batches`` accepts) through the transform and the embedder."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    chunks, names, sources, sizes = [], [], [], []
+    chunks, names, sources, sizes, digests = [], [], [], [], []
+    first_size: tuple[int, ...] | None = None
     with tqdm(total=count_images(images), desc=desc, unit="img", disable=not progress) as bar:
         for batch in iter_batches(images, transform, batch_size):
+            if first_size is not None and tuple(batch.pixels.shape[-2:]) != first_size:
+                raise ValueError(
+                    f"images of different sizes ({first_size[0]}x{first_size[1]} and {batch.pixels.shape[-2]}x"
+                    f"{batch.pixels.shape[-1]} pixels after the transform, e.g. {batch.names[0]}) cannot be "
+                    "embedded together; set resize/crop (--resize/--crop)"
+                )
+            first_size = tuple(batch.pixels.shape[-2:])
             chunks.append(embed_batch(embedder, batch.pixels))
+            digests += pixel_digests(batch.pixels)
             names += batch.names
             sources += batch.sources
             sizes += batch.sizes
             bar.update(len(batch))
     if not chunks:
         raise ValueError("images: no images were given")
-    return EmbeddedImages(torch.cat(chunks), names, sources, sizes)
+    return EmbeddedImages(torch.cat(chunks), names, sources, sizes, digests)

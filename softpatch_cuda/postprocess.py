@@ -62,9 +62,12 @@ def _centre_offset(length: int, crop: int) -> int:
 
 
 def map_to_input_size(
-    amap: np.ndarray, input_size: tuple[int, int], resize: int | None, crop: int | None
+    amap: np.ndarray, input_size: tuple[int, int], resize: int | None, crop: int | None,
+    out_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Undo resize + centre crop: a [S, S] model-frame map -> [H, W] on the original image.
+    """Undo resize + centre crop: a [S, S] model-frame map -> [H, W] on the original image
+    (or rendered at ``out_size``, e.g. a downscaled copy of a huge image: same geometry,
+    memory independent of the original's size).
 
     The region the crop cut away has no scores; it is filled by repeating the map's
     border values (no artificial edge of zeros), then the resize is undone bilinearly.
@@ -78,8 +81,9 @@ def map_to_input_size(
         pad = (left, frame_w - crop - left, top, frame_h - crop - top)
         if any(p > 0 for p in pad):
             t = F.pad(t, pad, mode="replicate")
-    if t.shape[-2:] != (height, width):
-        t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
+    target = (height, width) if out_size is None else tuple(int(v) for v in out_size)
+    if t.shape[-2:] != target:
+        t = F.interpolate(t, size=target, mode="bilinear", align_corners=False)
     return t[0, 0].numpy()
 
 

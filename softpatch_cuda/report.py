@@ -9,7 +9,6 @@ every machine.
 from __future__ import annotations
 
 import csv
-import html
 import json
 import logging
 import math

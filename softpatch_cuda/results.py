@@ -40,14 +40,15 @@ class Prediction:
     def __len__(self) -> int:
         return len(self.names)
 
-    def map_at_input_size(self, i: int) -> np.ndarray:
+    def map_at_input_size(self, i: int, out_size: tuple[int, int] | None = None) -> np.ndarray:
         """[H, W] float32: ``maps[i]`` put back onto the original image (crop border filled
-        with the map's edge values, resize undone bilinearly)."""
+        with the map's edge values, resize undone bilinearly); ``out_size`` renders it at
+        another (e.g. downscaled) size of the original's frame."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"image index {i} out of range for a prediction of {len(self)} images")
         if not self.input_sizes:
             raise ValueError("this Prediction carries no input sizes; map_at_input_size is unavailable")
-        return map_to_input_size(self.maps[i], self.input_sizes[i], self.resize, self.crop)
+        return map_to_input_size(self.maps[i], self.input_sizes[i], self.resize, self.crop, out_size)
 
     def to_rows(self) -> list[dict]:
         return [
@@ -98,6 +99,16 @@ class TrainingReport:
                    np.asarray(result.flagged, dtype=bool), float(result.flag_limit),
                    np.asarray(result.removed_fraction, dtype=np.float32))
 
+    def expanded(self, names: list[str], sources: list[str | None], original_of) -> "TrainingReport":
+        """The report of the distinct images spread over every training image: image i
+        gets the row of its original ``original_of[i]`` (exact duplicates)."""
+        idx = np.asarray(original_of, dtype=np.int64)
+        if len(idx) == len(self.names) and np.array_equal(idx, np.arange(len(idx))):
+            return self
+        removed = None if self.removed_fraction is None else np.asarray(self.removed_fraction)[idx]
+        return TrainingReport(list(names), list(sources), np.asarray(self.scores)[idx], np.asarray(self.flagged)[idx],
+                              self.threshold, removed)
+
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` most contaminated-looking images, highest score first."""
         order = np.argsort(-np.nan_to_num(self.scores, nan=-np.inf), kind="stable")[:n]
@@ -118,15 +129,6 @@ class TrainingReport:
         ]
 
     def __str__(self) -> str:
-        rows = sorted(self.to_rows(), key=lambda r: -np.nan_to_num(r["score"], nan=-np.inf))
-        width = max([len("image")] + [len(r["name"]) for r in rows])
-        lines = [
-            f"TrainingReport: {len(rows)} images, {int(np.sum(self.flagged))} flagged "
-            f"(threshold {self.threshold:.4g})",
-            f"{'image':<{width}}  {'score':>9}  {'removed':>7}  flagged",
-        ]
-        for r in rows:
-            lines.append(
-                f"{r['name']:<{width}}  {r['score']:>9.4g}  {r['removed_fraction']:>7.1%}  {'yes' if r['flagged'] else ''}"
-            )
-        return "\n".join(lines)
+        from .report import format_training_report  # noqa: PLC0415 -- the one table of this report
+
+        return f"TrainingReport: {format_training_report(self, top=len(self))}"

@@ -25,27 +25,28 @@ THRESHOLD_MAD_FACTOR = 3.0
 
 
 def leave_out_scores(embeddings: torch.Tensor, bank: MemoryBank, images: np.ndarray, image_score: str,
-                     group: int) -> np.ndarray:
+                     group: int, image_ids: np.ndarray | None = None) -> np.ndarray:
     """Image scores of ``images`` (indices into embeddings [N, h, w, D]), each group
-    scored against the bank without that group's own patches."""
+    scored against the bank without that group's own patches (``image_ids``: the
+    bank's image id of each embedding row, default its index)."""
     scores = []
     for s in range(0, images.size, group):
-        ids = torch.as_tensor(images[s : s + group], device=embeddings.device)
-        queries = embeddings[ids].reshape(-1, embeddings.shape[-1])
+        rows = torch.as_tensor(images[s : s + group], device=embeddings.device)
+        ids = rows if image_ids is None else torch.as_tensor(image_ids[images[s : s + group]], device=embeddings.device)
+        queries = embeddings[rows].reshape(-1, embeddings.shape[-1])
         sub = bank.without_images(ids)
         patch, nearest = sub.score(queries, return_index=True)
-        scores.append(sub.image_scores(queries, patch.reshape(ids.numel(), -1), nearest, image_score).cpu())
+        scores.append(sub.image_scores(queries, patch.reshape(rows.numel(), -1), nearest, image_score).cpu())
     return torch.cat(scores).numpy().astype(np.float32)
 
 
 def calibrate_threshold(embeddings: torch.Tensor, bank: MemoryBank, flagged: np.ndarray, seed: int,
-                        image_score: str = "max") -> tuple[float, np.ndarray]:
-    """(threshold, the calibration images' scores). One training image: inf (no
-    calibration possible; a warning is logged)."""
+                        image_score: str = "max", image_ids: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """(threshold, the calibration images' scores) from ``embeddings`` [N, h, w, D] of
+    N >= 2 training images (``image_ids``: their ids in the bank, default 0..N-1)."""
     n = embeddings.shape[0]
     if n < 2:
-        logger.warning("one training image: no threshold calibration possible; threshold = inf")
-        return float("inf"), np.zeros(0, dtype=np.float32)
+        raise ValueError("threshold calibration needs at least 2 training images")
     candidates = np.flatnonzero(~np.asarray(flagged, dtype=bool))
     if candidates.size < 2:
         candidates = np.arange(n)
@@ -53,7 +54,7 @@ def calibrate_threshold(embeddings: torch.Tensor, bank: MemoryBank, flagged: np.
     chosen = np.sort(rng.choice(candidates, size=min(CALIBRATION_IMAGES, candidates.size), replace=False))
     # with very few images a group would exclude most of the bank: score one at a time
     group = CALIBRATION_GROUP if n >= 4 * CALIBRATION_GROUP else 1
-    calib = leave_out_scores(embeddings, bank, chosen, image_score, group)
+    calib = leave_out_scores(embeddings, bank, chosen, image_score, group, image_ids)
     if calib.size < 3:
         return float(calib.max()), calib
     return robust_limit(calib, THRESHOLD_MAD_FACTOR), calib

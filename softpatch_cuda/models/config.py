@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .._validation import check_bool, check_choice, check_int, check_number
@@ -77,7 +78,8 @@ class PatchCoreConfig:
         if self.weights is not None:
             if not isinstance(self.weights, (str, os.PathLike)):
                 raise TypeError(f"weights must be a file path or None, got {type(self.weights).__name__}")
-            object.__setattr__(self, "weights", os.fspath(self.weights))
+            # resolved: a model fitted with a relative path still finds its weights elsewhere
+            object.__setattr__(self, "weights", str(Path(os.fspath(self.weights)).expanduser().resolve()))
         check_bool("pretrained", self.pretrained)
         check_int("embed_dim", self.embed_dim, 1, allow_none=True)
         check_int("proj_dim", self.proj_dim, 1)

@@ -36,6 +36,27 @@ from .config import PatchCoreConfig
 
 logger = logging.getLogger(__name__)
 
+MIN_GRID = 3  # patches per side: below this, position-wise denoising and maps mean nothing
+
+
+def distinct_images(embedded: EmbeddedImages) -> tuple[list[int], np.ndarray]:
+    """(indices of the first occurrence of each distinct image, for every image the
+    position of its original in that list). Exact duplicates by their pixel digests
+    (or, without digests, their embeddings)."""
+    keys = embedded.digests
+    if keys is None:
+        flat = embedded.embeddings.detach().to("cpu").reshape(len(embedded), -1).numpy()
+        keys = [row.tobytes() for row in flat]
+    position: dict = {}
+    distinct: list[int] = []
+    original_of = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):
+        if key not in position:
+            position[key] = len(distinct)
+            distinct.append(i)
+        original_of[i] = position[key]
+    return distinct, original_of
+
 
 def _check_device_request(device: Any) -> str:
     if isinstance(device, torch.device):
@@ -168,8 +189,20 @@ class Detector:
         self._fitted = False
         cfg = self._config
         timings = dict(timings or {})
-        emb = embedded.embeddings
-        n, h, w, dim = emb.shape
+        n_all, h, w, dim = embedded.embeddings.shape
+        self._check_grid(h, w)
+        # Exact duplicate images would sit in the bank twice and score 0 against each
+        # other when left out for calibration: fit on the distinct ones; the report
+        # lists every image (a duplicate gets its original's row).
+        distinct, original_of = distinct_images(embedded)
+        if len(distinct) < 2:
+            raise ValueError(f"{type(self).__name__}.fit needs at least 2 distinct training images (one is left out "
+                             f"of the bank to calibrate the threshold); got {len(distinct)} distinct of {n_all}")
+        if len(distinct) < n_all:
+            logger.warning("%d of %d training images are exact duplicates of others; fitting on the %d distinct ones",
+                           n_all - len(distinct), n_all, len(distinct))
+        emb = embedded.embeddings[distinct] if len(distinct) < n_all else embedded.embeddings
+        n = emb.shape[0]
         device = self._device
         logger.info("fit: %d images, %dx%d patches of dim %d on %s", n, h, w, dim, device)
         self._projection = random_projection(dim, cfg.proj_dim, seed=cfg.seed, device=device)
@@ -187,20 +220,23 @@ class Detector:
             weights: dict = {name: None for name in kept}
         else:
             kept, weights = denoised.kept, denoised.weights
-        image_index = torch.arange(n, device=device).repeat_interleave(h * w)
+        # bank rows remember their image by its index in the whole training set
+        image_index = torch.as_tensor(distinct, device=device).repeat_interleave(h * w)
         banks = build_banks(flat, proj, image_index, kept, weights, cfg.coreset_ratio, seed=cfg.seed,
                             distance=cfg.distance, progress=self.progress)
         self._cls_bank, self._seg_bank = banks["cls"], banks.get("seg")
         timings["coreset_s"] = time.perf_counter() - t0
 
-        self._report = TrainingReport.from_denoising(embedded.names, embedded.sources, denoised)
+        report = TrainingReport.from_denoising([embedded.names[i] for i in distinct],
+                                               [embedded.sources[i] for i in distinct], denoised)
+        self._report = report.expanded(embedded.names, embedded.sources, original_of)
 
         t0 = time.perf_counter()
-        self._threshold, calib = calibrate_threshold(emb, self._cls_bank, self._report.flagged, cfg.seed,
-                                                     cfg.image_score)
+        self._threshold, calib = calibrate_threshold(emb, self._cls_bank, report.flagged, cfg.seed,
+                                                     cfg.image_score, image_ids=np.asarray(distinct))
         timings["calibration_s"] = time.perf_counter() - t0
 
-        info: dict[str, Any] = {"n_images": n, "grid": [h, w], "embed_dim": dim,
+        info: dict[str, Any] = {"n_images": n_all, "n_distinct_images": n, "grid": [h, w], "embed_dim": dim,
                                 "alignment": self._alignment, "alignment_statistic": self._alignment_statistic}
         for name, bank in banks.items():
             removed = int((~kept[name]).sum())
@@ -217,6 +253,15 @@ class Detector:
                     {k: v for k, v in info.items() if k not in ("calibration_scores", "timings")},
                     {k: round(v, 2) for k, v in timings.items()})
         return self
+
+    def _check_grid(self, h: int, w: int) -> None:
+        """Refuse patch grids too small for patch-level denoising and maps, naming the image size needed."""
+        if min(h, w) >= MIN_GRID:
+            return
+        stride = self._extractor.strides[0] if self._extractor is not None else 8
+        side = (MIN_GRID - 1) * stride + 1
+        raise ValueError(f"the images give a {h}x{w} patch grid; at least {MIN_GRID}x{MIN_GRID} patches are needed: "
+                         f"use model inputs of at least {side}x{side} pixels (resize/crop, --resize/--crop)")
 
     def _denoise(self, z: torch.Tensor) -> DenoiseResult | None:
         """The denoise phase: discriminator scores, then the policy (None: no scores)."""
@@ -356,11 +401,11 @@ class Detector:
         save_model(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto") -> "Detector":
-        """Load a model written by :meth:`save` (on ``device``)."""
+    def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> "Detector":
+        """Load a model written by :meth:`save` (on ``device``; see :func:`load_model`)."""
         from .registry import load_model  # noqa: PLC0415
 
-        model = load_model(path, device=device)
+        model = load_model(path, device=device, weights=weights)
         if not isinstance(model, cls):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}; use load_model()")
         return model

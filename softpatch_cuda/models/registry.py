@@ -40,8 +40,13 @@ def kind_of(model: Detector) -> ModelKind:
     return next(k for k in MODEL_KINDS if isinstance(model, k.cls))
 
 
-def load_model(path: str | os.PathLike, device: str = "auto") -> Detector:
-    """Load any model written by ``save`` (PatchCore, SoftPatch or SoftPatchPlus)."""
+def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> Detector:
+    """Load any model written by ``save`` (PatchCore, SoftPatch or SoftPatchPlus).
+
+    The file is verified (checksum, types, ranges, finite values) and the rebuilt
+    backbone's weights must match the fingerprint stored at fit. ``weights``: the
+    backbone weights file when the stored path is not valid here (a moved model).
+    """
     from ..serialization import read_model_file  # noqa: PLC0415
     from .model_io import restore_model  # noqa: PLC0415
 
@@ -55,8 +60,9 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> Detector:
         raise ValueError(f"{path}: corrupt model header (no config)")
     try:
         config = kind.cls.config_class.from_dict(stored)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: the stored config does not fit {kind.cls.__name__}: {exc}") from exc
     model = kind.cls(device=device, **config.to_dict())
-    restore_model(model, tensors, header, str(path), model.config["device"])
+    restore_model(model, tensors, header, str(path), model.config["device"],
+                  weights=None if weights is None else os.fspath(weights))
     return model

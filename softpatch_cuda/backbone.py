@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .errors import WeightsUnavailableError
 from .runtime import resolve_device
 
 # One row per backbone with known defaults: the feature layers (the last stages at
@@ -63,6 +64,39 @@ def _timm():
     import timm
 
     return timm
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the model hub's host be reached at all (one short TCP connect)?"""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class _hub_offline:  # noqa: N801 -- a context manager
+    """Within the block the Hugging Face hub client uses its local cache only (when ``on``)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            import huggingface_hub.constants as hub_constants
+
+            self._constants, self._saved = hub_constants, hub_constants.HF_HUB_OFFLINE
+            hub_constants.HF_HUB_OFFLINE = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self._constants.HF_HUB_OFFLINE = self._saved
+        return False
 
 
 def _check_backbone_name(name: str) -> None:
@@ -293,16 +327,20 @@ class FeatureExtractor(torch.nn.Module):
     @staticmethod
     def _download(backbone: str, out_indices: list[int]) -> torch.nn.Module:
         timm = _timm()
+        offline = not _hub_reachable()
         try:
-            return _drop_unused_stages(
-                timm.create_model(backbone, pretrained=True, features_only=True, out_indices=tuple(out_indices))
-            )
+            with _hub_offline(offline):  # offline: use the local cache only, no minute of retries
+                return _drop_unused_stages(
+                    timm.create_model(backbone, pretrained=True, features_only=True, out_indices=tuple(out_indices))
+                )
         except Exception as exc:  # noqa: BLE001 -- network, hub and cache errors all mean "no weights"
-            raise RuntimeError(
-                f"could not get pretrained weights for backbone {backbone!r} from timm / Hugging Face "
-                f"({type(exc).__name__}: {exc}). Offline? Pass weights=PATH to a local .pth/.safetensors "
-                f"state dict, use backbone='efficientnet_lite0' (weights from the {LITE0_PACKAGE} "
-                "package), or pretrained=False for random weights"
+            detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            why = f"no network connection to the model hub and no cached copy; {detail}" if offline else detail
+            raise WeightsUnavailableError(
+                f"could not get pretrained weights for backbone {backbone!r} ({why}). Pass a local "
+                f".pth/.safetensors state dict (--weights FILE on the command line, weights=PATH in Python), "
+                f"use the offline default backbone efficientnet_lite0 (weights from the {LITE0_PACKAGE} package), "
+                "or random weights (--no-pretrained / pretrained=False, for tests only)"
             ) from exc
 
     def train(self, mode: bool = True):  # frozen: always eval (BatchNorm statistics fixed)
@@ -317,9 +355,10 @@ class FeatureExtractor(torch.nn.Module):
         return list(self.model(x))
 
     def fingerprint(self) -> str:
-        """SHA-256 of the weights (every parameter and buffer: name, dtype, shape, bytes),
-        stored in model files so that other weights are never used silently."""
-        digest = hashlib.sha256()
+        """SHA-256 of the architecture, the layers read and the weights (every parameter
+        and buffer: name, dtype, shape, bytes), stored in model files so that other
+        weights or layers are never used silently."""
+        digest = hashlib.sha256(f"{self.backbone_name}\0{','.join(self.layers)}\0".encode())
         for name, tensor in self.model.state_dict().items():
             t = tensor.detach().to("cpu").contiguous()
             digest.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
@@ -339,33 +378,38 @@ class FeatureExtractor(torch.nn.Module):
     @classmethod
     def from_spec(cls, spec: dict, device: str | torch.device = "cpu", weights: str | None = None):
         """Rebuild an extractor from :meth:`spec`. A file-weights spec needs the file
-        (``weights=`` overrides the stored path). When the spec has a fingerprint, the
-        rebuilt weights must match it."""
+        (``weights=`` overrides the stored path). When the spec has a fingerprint, rebuilt
+        file / package / hub weights must match it (random weights: see :meth:`verify`)."""
         if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), str) \
                 or not isinstance(spec.get("layers"), list) or spec.get("weights_source") not in WEIGHT_SOURCES:
-            raise ValueError(f"not a valid backbone spec: {spec!r}")
+            raise ValueError(f"not a FeatureExtractor spec (backbone, layers, weights_source): {spec!r}")
         backbone, layers, source = spec["backbone"], spec["layers"], spec["weights_source"]
         if weights is None and source == "file":
             weights = spec.get("weights_path")
             if not isinstance(weights, str) or not Path(weights).is_file():
                 raise FileNotFoundError(
-                    f"the model's backbone weights file {weights!r} is not available; pass the file "
-                    "(--weights FILE on the command line, weights=FILE in Python)"
+                    f"the model's backbone weights file {weights!r} is not available; pass weights=PATH in "
+                    "Python (--weights FILE on the command line)"
                 )
         if weights is not None:
             weights = str(Path(weights).expanduser().resolve())
         pretrained = source != "random"
         extractor = cls(backbone, layers=layers, weights=weights, pretrained=pretrained, device=device)
-        expected = spec.get("fingerprint")
-        if expected is not None:
-            found = extractor.fingerprint()
-            if found != expected:
-                raise ValueError(
-                    f"backbone weights differ from the ones the model was fitted with (fitted: {expected[:16]}, "
-                    f"now: {found[:16]}{f', from {weights}' if weights else ''}); pass the original weights file "
-                    "(--weights FILE / weights=FILE) or refit"
-                )
+        if source != "random":  # random weights depend on the caller's seed: the caller verifies them
+            extractor.verify(spec.get("fingerprint"))
         return extractor
+
+    def verify(self, expected: str | None) -> None:
+        """Raise when the weights' fingerprint is not ``expected`` (None: nothing to check)."""
+        if expected is None:
+            return
+        found = self.fingerprint()
+        if found != expected:
+            raise ValueError(
+                f"backbone weights differ from the ones the model was fitted with (fitted: {expected[:16]}, "
+                f"now: {found[:16]}{f', from {self.weights_path}' if self.weights_path else ''}); pass the original "
+                "weights file (--weights FILE on the command line, weights=PATH in Python) or refit"
+            )
 
     def __repr__(self) -> str:  # the wrapped network's full module tree is noise here
         return f"FeatureExtractor({self.extra_repr()}, device={self.device})"

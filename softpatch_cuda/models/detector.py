@@ -165,6 +165,7 @@ class Detector:
                                              weights=cfg.weights, pretrained=cfg.pretrained, device=device)
             else:
                 extractor = FeatureExtractor.from_spec(spec, device=device, weights=weights)
+                extractor.verify(spec.get("fingerprint"))  # random weights too: drawn from the seed above
         self._extractor = extractor
         self._embedder = PatchEmbedder(extractor, cfg.embed_dim)
         self._device = device

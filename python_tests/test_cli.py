@@ -180,6 +180,48 @@ def test_model_kwargs_mapping():
     assert "resize" not in kw and "crop" not in kw and kw["progress"] is True
 
 
+def _kwargs(argv: list[str]) -> dict:
+    args = cli.build_parser().parse_args(["fit", "x", "--out", "m", *argv])
+    cli._record_given_sizes(args, argv)
+    return cli.model_kwargs(args)
+
+
+def test_denoising_options_and_preset_mapping():
+    kw = _kwargs(["--model", "softpatch-plus", "--preset", "paper", "--removal", "fixed", "--weight-mode", "median",
+                  "--seg-removal-gate", "any", "--discriminators", "lof,nearest", "--lof-k", "5",
+                  "--distance", "squared_l2", "--image-score", "reweighted", "--no-soft-weights"])
+    assert kw["preset"] == "paper" and kw["removal_mad"] is None and kw["weight_mode"] == "median"
+    assert kw["seg_removal_gate"] == "any" and kw["discriminators"] == ["lof", "nearest"] and kw["lof_k"] == 5
+    assert kw["distance"] == "squared_l2" and kw["image_score"] == "reweighted" and kw["soft_weights"] is False
+    kw = _kwargs(["--discriminators", "gaussian", "--removal-mad", "4"])
+    assert kw["discriminator"] == "gaussian" and kw["removal_mad"] == 4.0
+    model = cli.build_model(cli.build_parser().parse_args(
+        ["fit", "x", "--out", "m", "--model", "softpatch-plus", "--preset", "paper", "--backbone", "resnet18",
+         "--no-pretrained", "--device", "cpu"]))
+    assert model.config["seg_threshold"] == 0.5 and model.config["distance"] == "squared_l2"
+    assert model.config["backbone"] == "resnet18" and model.config["removal_mad"] is None
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--model", "patchcore", "--removal", "fixed"], "--removal does not apply to --model patchcore"),
+    (["--model", "softpatch", "--seg-removal-gate", "any"], "--seg-removal-gate applies to --model softpatch-plus"),
+    (["--discriminators", "lof,gaussian"], "takes one discriminator"),
+    (["--removal", "fixed", "--removal-mad", "3"], "exclude each other"),
+])
+def test_denoising_option_conflicts(argv, fragment, capsys):
+    code = cli.main(["fit", "nonexistent_dir", "--out", "m.softpatch", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and err.count("\n") == 1
+
+
+def test_bad_option_values_name_the_flag(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "d" / "a.png")
+    code = cli.main(["fit", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--removal-mad", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--removal-mad must be a number >= 0" in err
+
+
 # ------------------------------------------------------------------ end to end
 def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     train = tiny / "widget" / "train" / "good"

@@ -170,7 +170,7 @@ def test_patchcore_has_no_denoising(clean_data):
 def test_softpatch_plus_two_banks(clean_data):
     # the paper's settings: fixed fractions removed, weights relative to the kept median
     model = SoftPatchPlus(**FAST, alignment="position", removal_mad=None, weight_mode="median",
-                          gaussian_shrinkage=0.1, rank_scope="position").fit(clean_data)
+                          gaussian_shrinkage=0.1, rank_scope="position", seg_threshold=0.5).fit(clean_data)
     total = len(clean_data) * 8 * 8
     assert model.fit_info_["cls_removed"] == int(0.15 * total)
     assert model.fit_info_["seg_removed"] == int(0.5 * total)
@@ -179,12 +179,14 @@ def test_softpatch_plus_two_banks(clean_data):
     assert 0.8 < float(model._cls_bank.weights.median()) < 1.3
 
 
-def test_softpatch_plus_defaults_remove_only_robust_outliers(clean_data):
-    model = SoftPatchPlus(**FAST, alignment="position").fit(clean_data)
+def test_softpatch_plus_gates_remove_only_robust_outliers(clean_data):
+    # the robust-outlier gate at 3 MAD (0.1's default), "all" discriminators for the seg bank
+    gated = dict(FAST, alignment="position", removal_mad=3.0, seg_threshold=0.5)
+    model = SoftPatchPlus(**gated, seg_removal_gate="all").fit(clean_data)
     total = len(clean_data) * 8 * 8
     assert 0 < model.fit_info_["cls_removed"] <= int(0.15 * total)
     assert 0 <= model.fit_info_["seg_removed"] <= int(0.5 * total)
-    any_gate = SoftPatchPlus(**FAST, alignment="position", seg_removal_gate="any").fit(clean_data)
+    any_gate = SoftPatchPlus(**gated, seg_removal_gate="any").fit(clean_data)
     # the "all" gate (default) removes a subset of what the "any" gate removes
     assert model.fit_info_["seg_removed"] <= any_gate.fit_info_["seg_removed"]
     assert any_gate.fit_info_["cls_removed"] <= any_gate.fit_info_["seg_removed"]
@@ -193,6 +195,17 @@ def test_softpatch_plus_defaults_remove_only_robust_outliers(clean_data):
     # soft weights never below 1, and exactly 1 for most (normal) patches
     w = model._cls_bank.weights
     assert float(w.min()) >= 1.0 and float((w == 1.0).float().mean()) > 0.5
+
+
+def test_softpatch_plus_default_banks(clean_data):
+    """Defaults: the cls bank drops only strong robust outliers (6 MAD) among the top 15 %;
+    the seg bank drops the whole top 20 % -- a superset of what the cls bank drops."""
+    model = SoftPatchPlus(**FAST, alignment="position").fit(clean_data)
+    total = len(clean_data) * 8 * 8
+    assert model.fit_info_["seg_removed"] == int(0.2 * total)
+    assert model.fit_info_["cls_removed"] <= int(0.15 * total)
+    three = SoftPatchPlus(**FAST, alignment="position", removal_mad=3.0).fit(clean_data)
+    assert model.fit_info_["cls_removed"] <= three.fit_info_["cls_removed"]
 
 
 @pytest.mark.parametrize("alignment", ["position", "window", "global"])

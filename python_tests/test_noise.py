@@ -194,3 +194,17 @@ def test_record_validation(tmp_path):
         NoiseRecord.load(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="folder for the noise record"):
         NoiseRecord("mvtec", "cat", 0.1, 0, False, []).save(tmp_path / "no" / "r.json")
+
+
+def test_floor_rounding_as_the_authors_code(tmp_path):
+    split = _split(n_train=25, n_bad=10, files=tmp_path)
+    assert noise_count(0.1, 25) == 3 and noise_count(0.1, 25, "floor") == 2
+    noisy, record = apply_noise(split, 0.1, seed=0, rounding="floor")
+    assert len(record.added) == 2 and record.rounding == "floor"
+    assert NoiseRecord.from_dict(record.to_dict()) == record
+    replay = apply_noise_record(split, NoiseRecord.from_dict(record.to_dict()))
+    assert [s.path for s in replay.train] == [s.path for s in noisy.train]
+    old = {k: v for k, v in record.to_dict().items() if k != "rounding"}  # a 0.1 record
+    assert NoiseRecord.from_dict(old).rounding == "round"
+    with pytest.raises(ValueError, match="rounding"):
+        apply_noise(split, 0.1, rounding="ceil")

@@ -50,7 +50,7 @@ def test_file_is_safetensors_with_json_header(data, tmp_path):
     model.save(path)
     tensors, header = read_model_file(path)
     assert header["format"] == "softpatch_cuda.model" and header["format_version"] == FORMAT_VERSION
-    assert header["model_type"] == "softpatch_plus" and header["config"]["seg_threshold"] == 0.5
+    assert header["model_type"] == "softpatch_plus" and header["config"]["seg_threshold"] == model.config["seg_threshold"]
     assert header["backbone_spec"]["backbone"] == "resnet18"
     assert {"projection", "cls_bank.features", "cls_bank.weights", "seg_bank.features", "seg_bank.weights",
             "report.scores"} <= set(tensors)

@@ -11,12 +11,14 @@ import argparse
 import datetime as _dt
 import logging
 import math
+import re
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import UsageError
+from .models.config import PRESETS
 from .models.registry import CLI_NAMES, kind_by_cli_name
 
 PROG = "softpatch"
@@ -153,6 +155,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="softpatch (default): noise-robust PatchCore (LOF per patch position); "
                         "softpatch-plus: several noise discriminators, separate banks for "
                         "classification and segmentation; patchcore: no denoising")
+    g.add_argument("--preset", choices=PRESETS, default=None,
+                   help="default, or paper: the authors' settings (WRN-50-2 with torchvision's weights -- give "
+                        "them with --weights offline --, squared distances, fixed 15 %% removal, weights = "
+                        "score / median); options given explicitly override the preset")
     g.add_argument("--backbone", metavar="NAME", help="timm CNN name (default: efficientnet_lite0)")
     g.add_argument("--layers", metavar="L1,L2", action="append",
                    help="feature layers of the backbone, comma list (default: the backbone's default)")
@@ -163,20 +169,39 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (default: CUDA when usable), cpu, cuda, cuda:N")
     g.add_argument("--coreset-ratio", type=_finite_float, metavar="F",
                    help="fraction of training patches kept in the memory bank (default 0.1)")
-    g.add_argument("--noise-threshold", type=_fraction, metavar="F",
-                   help="fraction of most outlying training patches excluded from the bank "
-                        "(softpatch: default 0.15; softpatch-plus: classification bank, default 0.15)")
-    g.add_argument("--seg-threshold", type=_fraction, metavar="F",
-                   help="softpatch-plus: fraction excluded from the segmentation bank (default 0.5)")
-    g.add_argument("--alignment", metavar="MODE",
-                   help="how training patches are compared for denoising: auto (default), or the modes "
-                        "the model accepts (e.g. position, window, global)")
     g.add_argument("--seed", type=int, help="random seed (projection, coreset start; default 0)")
     g.add_argument("--resize", type=_size_or_none, metavar="N",
                    help="resize images to N x N first (default 256; 'none' keeps the size)")
     g.add_argument("--crop", type=_size_or_none, metavar="N",
                    help="then centre-crop N x N (default 224; 'none' for no crop)")
     g.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default 16)")
+    g.add_argument("--distance", choices=("l2", "squared_l2"),
+                   help="nearest-neighbour distance (default l2; squared_l2 as the authors' code)")
+    g.add_argument("--image-score", choices=("max", "reweighted"),
+                   help="image score: the largest patch score (default) or PatchCore's eq. 7 re-weighting")
+    d = parser.add_argument_group("denoising (softpatch, softpatch-plus)")
+    d.add_argument("--noise-threshold", type=_fraction, metavar="F",
+                   help="top share of patch outlier scores that may be kept out of the (classification) bank "
+                        "(default 0.15)")
+    d.add_argument("--seg-threshold", type=_fraction, metavar="F",
+                   help="softpatch-plus: share removed from the segmentation bank (default 0.2)")
+    d.add_argument("--removal", choices=("gated", "fixed"),
+                   help="gated (default): a top-share patch goes only if it is also a robust outlier "
+                        "(--removal-mad); fixed: the whole top share goes (the papers)")
+    d.add_argument("--removal-mad", type=_finite_float, metavar="K",
+                   help="the gate: score above median + K * 1.4826 * MAD (default 6)")
+    d.add_argument("--seg-removal-gate", choices=("none", "any", "all"),
+                   help="softpatch-plus: segmentation bank gate (default none: its whole top share goes)")
+    d.add_argument("--weight-mode", choices=("outlier", "clamped", "median"),
+                   help="soft weights: outlier (default; 1 for inliers), clamped, median (the papers)")
+    d.add_argument("--no-soft-weights", action="store_true", help="no soft weights (distances unscaled)")
+    d.add_argument("--alignment", choices=("auto", "position", "window", "global"),
+                   help="which training patches are compared: auto (default), position (the paper), "
+                        "window, global")
+    d.add_argument("--lof-k", type=int, metavar="K", help="LOF neighbours (default 6)")
+    d.add_argument("--discriminators", metavar="D1,D2", action="append",
+                   help="lof, nearest, gaussian: softpatch takes one (default lof), softpatch-plus a comma list "
+                        "(default lof,gaussian)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action="store_true",
                    help="keep the planted images in the test set too (default: removed, 'no-overlap')")
     p.add_argument("--noise-seed", type=int, default=0, metavar="N", help="seed of the noise draw (default 0)")
+    p.add_argument("--noise-rounding", choices=("round", "floor"), default=None,
+                   help="planted count = round (default) or floor (the authors' code; the default with "
+                        "--preset paper) of R x |train|")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--save-models", action="store_true", help="also save each fitted model to DIR/models/")
     _add_model_options(p)
@@ -279,16 +307,33 @@ def _check_device(device: str) -> str:
     return device
 
 
+# CLI option -> constructor option per model (None: the option does not apply to that model).
+_DENOISING_OPTIONS: dict[str, dict[str, str]] = {
+    "noise_threshold": {"softpatch": "noise_threshold", "softpatch-plus": "cls_threshold"},
+    "seg_threshold": {"softpatch-plus": "seg_threshold"},
+    "removal_mad": {"softpatch": "removal_mad", "softpatch-plus": "removal_mad"},
+    "seg_removal_gate": {"softpatch-plus": "seg_removal_gate"},
+    "weight_mode": {"softpatch": "weight_mode", "softpatch-plus": "weight_mode"},
+    "alignment": {"softpatch": "alignment", "softpatch-plus": "alignment"},
+    "lof_k": {"softpatch": "lof_k", "softpatch-plus": "lof_k"},
+}
+_COMMON_OPTIONS = ("backbone", "weights", "coreset_ratio", "seed", "batch_size", "distance", "image_score")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def model_kwargs(args: argparse.Namespace) -> dict:
-    """Constructor arguments from the model options; options not given keep the library defaults."""
+    """Constructor arguments from the model options; options not given keep the library
+    (or preset) defaults. Value checks are the model config's; this only maps names."""
     kind = args.model
     kw: dict[str, Any] = {"device": _check_device(args.device), "progress": _progress(args)}
-    simple = {"backbone": "backbone", "weights": "weights", "coreset_ratio": "coreset_ratio", "seed": "seed",
-              "batch_size": "batch_size"}
-    for attr, key in simple.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            kw[key] = value
+    if args.preset is not None:
+        kw["preset"] = args.preset
+    for key in _COMMON_OPTIONS:
+        if getattr(args, key, None) is not None:
+            kw[key] = getattr(args, key)
     layers = _split_list(getattr(args, "layers", None))
     if layers:
         kw["layers"] = layers
@@ -296,25 +341,40 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         if args.weights:
             raise UsageError("--no-pretrained and --weights exclude each other")
         kw["pretrained"] = False
-    _check_weights_file(args.weights)
+    if args.weights:
+        kw["weights"] = _check_weights_file(args.weights)
     # argparse stores "none" as None, so tell "not given" from "none" by looking at argv order-free:
     for attr in ("resize", "crop"):
         if attr in getattr(args, "_given_sizes", {}):
             kw[attr] = args._given_sizes[attr]
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.noise_threshold is not None:
-        if kind == "patchcore":
-            raise UsageError("--noise-threshold does not apply to --model patchcore (it does no denoising)")
-        kw["noise_threshold" if kind == "softpatch" else "cls_threshold"] = args.noise_threshold
-    if args.seg_threshold is not None:
-        if kind != "softpatch-plus":
-            raise UsageError("--seg-threshold applies to --model softpatch-plus only")
-        kw["seg_threshold"] = args.seg_threshold
-    if args.alignment is not None:
-        if kind == "patchcore":
-            raise UsageError("--alignment does not apply to --model patchcore (it does no denoising)")
-        kw["alignment"] = args.alignment
+    for attr, per_model in _DENOISING_OPTIONS.items():
+        if getattr(args, attr, None) is None:
+            continue
+        if kind not in per_model:
+            if kind == "patchcore":
+                raise UsageError(f"{_flag(attr)} does not apply to --model patchcore (it does no denoising)")
+            raise UsageError(f"{_flag(attr)} applies to --model {' and '.join(per_model)} only")
+        kw[per_model[kind]] = getattr(args, attr)
+    if args.removal == "fixed":
+        if args.removal_mad is not None:
+            raise UsageError("--removal fixed and --removal-mad exclude each other (fixed has no gate)")
+        kw["removal_mad"] = None
+    denoising_flags = [f for f, given in (("--removal", args.removal), ("--no-soft-weights", args.no_soft_weights),
+                                          ("--discriminators", args.discriminators)) if given]
+    if denoising_flags and kind == "patchcore":
+        raise UsageError(f"{denoising_flags[0]} does not apply to --model patchcore (it does no denoising)")
+    if args.no_soft_weights:
+        kw["soft_weights"] = False
+    discriminators = _split_list(args.discriminators)
+    if discriminators:
+        if kind == "softpatch":
+            if len(discriminators) != 1:
+                raise UsageError(f"--model softpatch takes one discriminator, got {','.join(discriminators)}")
+            kw["discriminator"] = discriminators[0]
+        else:
+            kw["discriminators"] = discriminators
     return kw
 
 
@@ -329,7 +389,14 @@ def _check_weights_file(weights: str | None) -> str | None:
 
 def build_model(args: argparse.Namespace) -> Any:
     kwargs = model_kwargs(args)  # option mistakes first, before any heavy import
-    return kind_by_cli_name(args.model).cls(**kwargs)
+    try:
+        return kind_by_cli_name(args.model).cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # name the flag, not the Python option
+        message = str(exc)
+        for key in sorted({*_COMMON_OPTIONS, *(o for m in _DENOISING_OPTIONS.values() for o in m.values()),
+                           "discriminator", "discriminators", "layers", "resize", "crop"}, key=len, reverse=True):
+            message = re.sub(rf"\b{key}\b", _flag(key if key != "cls_threshold" else "noise_threshold"), message)
+        raise UsageError(message) from exc
 
 
 def _record_given_sizes(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -367,8 +434,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} is a folder; give a file name such as {out / 'model.softpatch'}")
     if args.top < 0:
         raise UsageError(f"--top must be >= 0, got {args.top}")
+    model = build_model(args)  # option mistakes first (cheap: no backbone yet)
     paths = collect_images(args.data, args.recursive, "DATA")
-    model = build_model(args)
     _say(args, f"Fitting {kind_by_cli_name(args.model).display_name} on {len(paths)} images ...")
     result = fit_to_file(model, paths, out, _training_report_csv_path(out, args.report))
     print(format_training_report(model.training_report(), top=args.top))
@@ -438,7 +505,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for n, category in enumerate(categories, 1):
         label = category
         split = datasets.load_dataset(args.dataset, root, category)
-        split, record = apply_noise(split, args.noise, seed=args.noise_seed, overlap=args.overlap)
+        rounding = args.noise_rounding or ("floor" if args.preset == "paper" else "round")
+        split, record = apply_noise(split, args.noise, seed=args.noise_seed, overlap=args.overlap, rounding=rounding)
         records.append(record.to_dict())
         _say(args, f"[{n}/{len(categories)}] {label}: {len(split.train)} training images "
                    f"({len(record.added)} planted defects), {len(split.test)} test images")

@@ -27,6 +27,8 @@ from .datasets import DatasetSplit, Sample
 logger = logging.getLogger(__name__)
 
 _RECORD_FIELDS = ("dataset", "category", "ratio", "seed", "overlap", "added")
+_OPTIONAL_FIELDS = ("rounding",)  # absent in records written before 0.2: "round"
+ROUNDINGS = ("round", "floor")
 
 
 @dataclass
@@ -39,10 +41,13 @@ class NoiseRecord:
     seed: int
     overlap: bool
     added: list[str] = field(default_factory=list)  # Sample.path of each added image, in draw order
+    rounding: str = "round"  # how ratio x |train| became a count (see noise_count)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["added"] = list(self.added)
+        if d["rounding"] == "round":  # the default: records stay readable by 0.1
+            del d["rounding"]
         return d
 
     @classmethod
@@ -50,7 +55,7 @@ class NoiseRecord:
         if not isinstance(d, dict):
             raise TypeError(f"noise record must be a dict, got {type(d).__name__}")
         missing = [k for k in _RECORD_FIELDS if k not in d]
-        unknown = sorted(set(d) - set(_RECORD_FIELDS))
+        unknown = sorted(set(d) - set(_RECORD_FIELDS) - set(_OPTIONAL_FIELDS))
         if missing or unknown:
             raise ValueError(f"noise record: missing fields {missing}, unknown fields {unknown}")
         added = d["added"]
@@ -60,7 +65,9 @@ class NoiseRecord:
             raise ValueError(f"noise record: 'overlap' must be true/false, got {d['overlap']!r}")
         _check_ratio(d["ratio"])
         _check_seed(d["seed"])
-        return cls(str(d["dataset"]), str(d["category"]), float(d["ratio"]), int(d["seed"]), d["overlap"], list(added))
+        rounding = _check_rounding(d.get("rounding", "round"))
+        return cls(str(d["dataset"]), str(d["category"]), float(d["ratio"]), int(d["seed"]), d["overlap"], list(added),
+                   rounding)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -96,9 +103,18 @@ def _check_seed(seed: object) -> int:
     return int(seed)
 
 
-def noise_count(ratio: float, n_train: int) -> int:
-    """round(ratio * n_train), halves rounded up (Python's round() would send 2.5 to 2).
+def _check_rounding(rounding: object) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+    return str(rounding)
+
+
+def noise_count(ratio: float, n_train: int, rounding: str = "round") -> int:
+    """round(ratio * n_train), halves rounded up (Python's round() would send 2.5 to 2), or
+    floor(ratio * n_train) (``rounding="floor"``: the authors' code, ``int(noise * len)``).
     The small epsilon absorbs float error such as 0.1 * 25 = 2.5000000000000004 or 2.4999..."""
+    if rounding == "floor":
+        return int(math.floor(ratio * n_train + 1e-9))
     return int(math.floor(ratio * n_train + 0.5 + 1e-9))
 
 
@@ -121,17 +137,19 @@ def _build(split: DatasetSplit, chosen: list[Sample], overlap: bool) -> DatasetS
 
 
 def apply_noise(
-    split: DatasetSplit, ratio: float, seed: int = 0, overlap: bool = False
+    split: DatasetSplit, ratio: float, seed: int = 0, overlap: bool = False, rounding: str = "round"
 ) -> tuple[DatasetSplit, NoiseRecord]:
     """Add round(ratio * len(train)) anomalous test images (seeded draw) to the training
-    set. overlap=False removes them from the test set. Returns a new split (the input is
-    not modified) and the record of what was added. ratio=0 gives an unchanged copy."""
+    set (``rounding="floor"``: floor, as the authors' code). overlap=False removes them
+    from the test set. Returns a new split (the input is not modified) and the record of
+    what was added. ratio=0 gives an unchanged copy."""
     _check_clean(split)
     ratio = _check_ratio(ratio)
     seed = _check_seed(seed)
+    rounding = _check_rounding(rounding)
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool, got {overlap!r}")
-    count = noise_count(ratio, len(split.train))
+    count = noise_count(ratio, len(split.train), rounding)
     anomalous = [s for s in split.test if s.label == 1]
     if count > len(anomalous):
         raise ValueError(
@@ -147,7 +165,7 @@ def apply_noise(
     # The draw depends only on (seed, number of anomalous test images): sorted readers keep it stable.
     order = np.random.default_rng(seed).permutation(len(anomalous))[:count]
     chosen = [anomalous[i] for i in order]
-    record = NoiseRecord(split.dataset, split.category, ratio, seed, overlap, [s.path for s in chosen])
+    record = NoiseRecord(split.dataset, split.category, ratio, seed, overlap, [s.path for s in chosen], rounding)
     logger.info(
         "%s/%s: noise ratio %.3g -> %d anomalous images added to %d training images (%s)",
         split.dataset, split.category, ratio, count, len(split.train), "overlap" if overlap else "no overlap",
@@ -168,7 +186,7 @@ def apply_noise_record(split: DatasetSplit, record: NoiseRecord) -> DatasetSplit
     where = f"noise record for {record.dataset}/{record.category}"
     if (record.dataset, record.category) != (split.dataset, split.category):
         raise ValueError(f"{where} does not match the split {split.dataset}/{split.category}")
-    expected = noise_count(record.ratio, len(split.train))
+    expected = noise_count(record.ratio, len(split.train), record.rounding)
     if expected != len(record.added):
         raise ValueError(
             f"{where}: it lists {len(record.added)} images but ratio {record.ratio} of this split's "

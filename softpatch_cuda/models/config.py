@@ -27,7 +27,7 @@ from ..denoise import (
 from ..memory_bank import DISTANCES, IMAGE_SCORES
 
 PRESETS: tuple[str, ...] = ("default", "paper")
-SEG_GATES: tuple[str, ...] = ("any", "all")
+SEG_GATES: tuple[str, ...] = ("none", "any", "all")
 
 
 def _as_tuple(value: Any) -> Any:
@@ -147,7 +147,7 @@ class _DenoisingConfig(PatchCoreConfig):
     scores become weights (see :func:`softpatch_cuda.denoise.soft_weights`).
     gaussian_shrinkage: covariance shrinkage of the Gaussian discriminator.
     removal_mad: "do no harm" gate: a top-fraction patch is removed only if its score
-    also exceeds median + removal_mad MAD (None: the papers' fixed fraction).
+    also exceeds median + removal_mad * 1.4826 * MAD (None: the papers' fixed fraction).
     """
 
     alignment: str = "auto"
@@ -157,7 +157,7 @@ class _DenoisingConfig(PatchCoreConfig):
     soft_weights: bool = True
     weight_mode: str = "outlier"
     gaussian_shrinkage: float | str = "ledoit_wolf"
-    removal_mad: float | None = 3.0
+    removal_mad: float | None = 6.0
 
     denoising: ClassVar[bool] = True
 
@@ -177,8 +177,9 @@ class _DenoisingConfig(PatchCoreConfig):
                                      pool_size=self.pool_size, gaussian_shrinkage=self.gaussian_shrinkage)
 
     def _bank(self, name: str, fraction: float, gate: str = "any") -> BankSpec:
-        removal = "fixed" if self.removal_mad is None else "gated"
-        return BankSpec(name, fraction, removal=removal, gate=gate, soft_weights=self.soft_weights)
+        removal = "fixed" if self.removal_mad is None or gate == "none" else "gated"
+        return BankSpec(name, fraction, removal=removal, gate=gate if removal == "gated" else "any",
+                        soft_weights=self.soft_weights)
 
 
 @dataclass(frozen=True)
@@ -206,16 +207,17 @@ class SoftPatchConfig(_DenoisingConfig):
 class SoftPatchPlusConfig(_DenoisingConfig):
     """SoftPatch+: several discriminators fused by rank (``fusion`` "mean" or "max";
     ranks over all patches or per position, ``rank_scope``); a classification bank
-    (``cls_threshold`` may be removed) scores images, a segmentation bank
-    (``seg_threshold``; ``seg_removal_gate``: the robust-outlier test must hold in
-    "any" or "all" discriminators) makes the maps."""
+    (``cls_threshold`` may be removed, gated by ``removal_mad``) scores images, a
+    segmentation bank (``seg_threshold`` removed; ``seg_removal_gate``: "none" -- the
+    whole top fraction, also what the classification bank removes -- or the robust-outlier
+    gate in "any" / "all" discriminators) makes the maps."""
 
     discriminators: tuple[str, ...] = ("lof", "gaussian")
     fusion: str = "mean"
     cls_threshold: float = 0.15
-    seg_threshold: float = 0.5
+    seg_threshold: float = 0.2
     rank_scope: str = "global"
-    seg_removal_gate: str = "all"
+    seg_removal_gate: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()

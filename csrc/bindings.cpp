@@ -10,7 +10,7 @@
 #include <string>
 
 #include "common.h"
-#include "cpu_simd.h"
+#include "cpu/simd.h"
 #include "kcenter.h"
 #include "knn.h"
 #include "lof.h"

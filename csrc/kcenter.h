@@ -15,7 +15,7 @@
 // numpy's order; float32 / float16 copies only feed rigorous lower bounds.
 // Like the naive loop, once every eligible point coincides with a centre
 // (all priorities 0) the lowest-index eligible point is selected again.
-// SOFTPATCH_CPU_ISA=avx512|avx2|scalar caps the CPU instruction-set path.
+// CPU instruction set as for every CPU kernel (cpu/simd.h, SOFTPATCH_CPU_ISA).
 //
 // Approximate variant (PatchCore's ApproximateGreedyCoresetSampler): the
 // initial mindist of every point is its mean distance to the `n_anchors`

@@ -16,7 +16,7 @@ import torch
 from softpatch_cuda import _reference as R
 from softpatch_cuda import ops
 
-from conftest import CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
+from conftest import SUPPORTED_CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _harness as H  # noqa: E402

@@ -152,6 +152,11 @@ def device_ptr(x: Any) -> int:
     return int(x.__cuda_array_interface__["data"][0])
 
 
+def numel(x: Any) -> int:
+    """Number of elements of a CUDA array (torch or CuPy)."""
+    return int(x.numel()) if isinstance(x, torch.Tensor) else int(x.size)
+
+
 def device_contiguous(a: Arr) -> Any:
     x = a.obj
     if a.framework == "torch":

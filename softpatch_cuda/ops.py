@@ -196,7 +196,7 @@ def knn(
         _core.knn_cuda(
             io.device_ptr(cq), q, io.device_ptr(cb), m, d, k, io.device_ptr(cw),
             io.device_ptr(dist), io.device_ptr(idx), io.device_ptr(score),
-            io.DTYPE_CODE[dtype], bool(allow_tf32), io.device_ptr(ws), io.current_stream(Q),
+            io.DTYPE_CODE[dtype], bool(allow_tf32), io.device_ptr(ws), io.numel(ws), io.current_stream(Q),
         )
     return KnnResult(dist, idx, score)
 
@@ -236,7 +236,8 @@ def lof(x: Any, k: int = 6, *, check_finite: bool = True) -> Any:
     cx = io.device_contiguous(X)
     ws = io.empty_like_framework(X, (max(1, int(_core.lof_cuda_workspace_floats(Bn, n, k))),), "float32")
     with io.device_guard(X):
-        _core.lof_cuda(io.device_ptr(cx), Bn, n, d, int(k), io.device_ptr(out), io.device_ptr(ws), io.current_stream(X))
+        _core.lof_cuda(io.device_ptr(cx), Bn, n, d, int(k), io.device_ptr(out), io.device_ptr(ws), io.numel(ws),
+                       io.current_stream(X))
     return out
 
 
@@ -354,7 +355,8 @@ def _kcenter_cuda(op, X, W, m, start, anchors, half, out):
     with io.device_guard(X):
         _core.kcenter_greedy_cuda(
             io.device_ptr(cx), n, d, m, start, io.device_ptr(anchors), 0 if anchors is None else len(anchors),
-            io.device_ptr(cw), io.device_ptr(out), io.DTYPE_CODE[dtype], io.device_ptr(ws), io.current_stream(X),
+            io.device_ptr(cw), io.device_ptr(out), io.DTYPE_CODE[dtype], io.device_ptr(ws), io.numel(ws),
+            io.current_stream(X),
         )
     return out
 

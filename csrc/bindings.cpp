@@ -104,8 +104,9 @@ void lof_cpu(const py::array& x, index_t k, const py::array& out) {
   sp::lof_cpu(px, B, n, d, k, po);
 }
 
-void kcenter_greedy_cpu(const py::array& x, index_t m, index_t start,
-                        const py::object& sample_weight, const py::array& out_idx) {
+// The k-center entry points return how many indices they wrote (kcenter.h).
+index_t kcenter_greedy_cpu(const py::array& x, index_t m, index_t start,
+                           const py::object& sample_weight, const py::array& out_idx) {
   const char* op = "kcenter_greedy";
   const float* px = checked_ptr<float>(x, op, "x", 2, false);
   const float* pw = optional_ptr<float>(sample_weight, op, "sample_weight", 1, false);
@@ -115,11 +116,11 @@ void kcenter_greedy_cpu(const py::array& x, index_t m, index_t start,
   expect(start >= 0 && start < n, op, "start must be in [0, n)");
   expect(!pw || py::cast<py::array>(sample_weight).shape(0) == n, op, "sample_weight must have shape [n]");
   py::gil_scoped_release nogil;
-  sp::kcenter_greedy_cpu(px, n, d, m, start, pw, po);
+  return sp::kcenter_greedy_cpu(px, n, d, m, start, pw, po);
 }
 
-void kcenter_greedy_approx_cpu(const py::array& x, index_t m, const py::array& anchors,
-                               const py::object& sample_weight, const py::array& out_idx) {
+index_t kcenter_greedy_approx_cpu(const py::array& x, index_t m, const py::array& anchors,
+                                  const py::object& sample_weight, const py::array& out_idx) {
   const char* op = "kcenter_greedy_approx";
   const float* px = checked_ptr<float>(x, op, "x", 2, false);
   const index_t* pa = checked_ptr<index_t>(anchors, op, "anchors", 1, false);
@@ -131,7 +132,7 @@ void kcenter_greedy_approx_cpu(const py::array& x, index_t m, const py::array& a
   for (index_t i = 0; i < na; ++i) expect(pa[i] >= 0 && pa[i] < n, op, "anchors must be in [0, n)");
   expect(!pw || py::cast<py::array>(sample_weight).shape(0) == n, op, "sample_weight must have shape [n]");
   py::gil_scoped_release nogil;
-  sp::kcenter_greedy_approx_cpu(px, n, d, m, pa, na, pw, po);
+  return sp::kcenter_greedy_approx_cpu(px, n, d, m, pa, na, pw, po);
 }
 
 // ---------------------------------------------------------------- CUDA ops

@@ -102,23 +102,25 @@ void lof_cpu(const float* x, index_t B, index_t n, index_t d, index_t k, float* 
   cpu::active_kernels().lof(x, B, n, d, k, out);
 }
 
-void kcenter_greedy_cpu(const float* x, index_t n, index_t d, index_t m, index_t start,
-                        const float* sample_weight, index_t* out_idx) {
+index_t kcenter_greedy_cpu(const float* x, index_t n, index_t d, index_t m, index_t start,
+                           const float* sample_weight, index_t* out_idx) {
   SP_CHECK_ARG(n >= 1 && d >= 1 && m >= 1, "kcenter_greedy: need n, d, m >= 1");
   SP_CHECK_ARG(start >= 0 && start < n, "kcenter_greedy: start must be in [0, n)");
   const index_t got =
       cpu::active_kernels().kcenter_greedy(x, n, d, m, start, nullptr, 0, sample_weight, out_idx);
   SP_CHECK_ARG(got > 0, "kcenter_greedy: no point has a positive sample_weight");
+  return got;
 }
 
-void kcenter_greedy_approx_cpu(const float* x, index_t n, index_t d, index_t m,
-                               const index_t* anchors, index_t n_anchors,
-                               const float* sample_weight, index_t* out_idx) {
+index_t kcenter_greedy_approx_cpu(const float* x, index_t n, index_t d, index_t m,
+                                  const index_t* anchors, index_t n_anchors,
+                                  const float* sample_weight, index_t* out_idx) {
   SP_CHECK_ARG(n >= 1 && d >= 1 && m >= 1 && n_anchors >= 1,
                "kcenter_greedy_approx: need n, d, m, n_anchors >= 1");
   const index_t got =
       cpu::active_kernels().kcenter_greedy(x, n, d, m, -1, anchors, n_anchors, sample_weight, out_idx);
   SP_CHECK_ARG(got > 0, "kcenter_greedy_approx: no point has a positive sample_weight");
+  return got;
 }
 
 }  // namespace sp

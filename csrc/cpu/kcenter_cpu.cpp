@@ -286,7 +286,8 @@ void scan_group(Group& g, const float* x, const Centre& c, index_t d, double dlo
 constexpr index_t kParallelWork = index_t(1) << 22;
 
 // The greedy loop from `first`; init_mind: initial min-distances (+inf for
-// the exact variant). Returns the number of indices written (m).
+// the exact variant). Returns the number of indices written: m, or fewer when
+// every eligible point coincides with a selected centre (kcenter.h).
 index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, const float* w,
                const Vec<double>& init_mind, index_t* out) {
   // float32 sum of d squared rounded differences, any order, with or without
@@ -297,6 +298,17 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
   for (index_t p = 0; p < n; ++p)
     if (!w || w[p] > 0.f) elig.push_back(p);
   const index_t cnt = index_t(elig.size());
+  // Once every priority is 0, the only eligible points that may coincide with
+  // no centre are those of initial distance 0 (approximate variant): they
+  // coincide with every anchor, hence with each other. The lowest-index one,
+  // `zero_init`, is selected then, unless a centre already equals it.
+  index_t zero_init = -1;
+  for (index_t p : elig)
+    if (init_mind[p] == 0.) {
+      zero_init = p;
+      break;
+    }
+  bool zero_init_covered = false;
   // Half rows hold x * scale, a power of two keeping |x * scale| <= 2^15.
   double scale = 1.;
   if constexpr (kHalfRows) {
@@ -333,6 +345,8 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
     }
     centre_err[s] = ce2 > 0. ? std::sqrt(ce2) / scale * (1. + 1e-6) : 0.;
     const Centre cen{x + c * d, xs, centre_err[s]};
+    if (zero_init >= 0 && !zero_init_covered)
+      zero_init_covered = exact_sqdist(cen.x, x + zero_init * d, d) == 0.;
     Group& ng = groups[s];
     if (s == 0) {
       // Every eligible point is owned by the first centre.
@@ -448,7 +462,13 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
         bi = g.best_idx;
       }
     }
-    c = bi;
+    if (bp > 0.) {
+      c = bi;
+    } else if (zero_init >= 0 && !zero_init_covered) {
+      c = zero_init;
+    } else {  // every eligible point coincides with a centre: selecting more would repeat one
+      return s + 1;
+    }
   }
   return m;
 }

@@ -2,15 +2,16 @@
 // Python layer turns torch CPU tensors into numpy views with np.from_dlpack),
 // check dtype/ndim/contiguity here again -- never converting -- and release the
 // GIL around the kernel. CUDA entry points take raw device pointers (from
-// __cuda_array_interface__ / data_ptr()) and the caller's stream as integers;
-// the Python layer allocates outputs and workspaces with the caller's framework.
+// __cuda_array_interface__ / data_ptr()), sizes and the caller's stream as
+// integers and check them likewise; the Python layer allocates outputs and
+// workspaces with the caller's framework.
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
 
 #include <string>
 
 #include "common.h"
-#include "cpu_simd.h"
+#include "cpu/simd.h"
 #include "kcenter.h"
 #include "knn.h"
 #include "lof.h"
@@ -103,8 +104,9 @@ void lof_cpu(const py::array& x, index_t k, const py::array& out) {
   sp::lof_cpu(px, B, n, d, k, po);
 }
 
-void kcenter_greedy_cpu(const py::array& x, index_t m, index_t start,
-                        const py::object& sample_weight, const py::array& out_idx) {
+// The k-center entry points return how many indices they wrote (kcenter.h).
+index_t kcenter_greedy_cpu(const py::array& x, index_t m, index_t start,
+                           const py::object& sample_weight, const py::array& out_idx) {
   const char* op = "kcenter_greedy";
   const float* px = checked_ptr<float>(x, op, "x", 2, false);
   const float* pw = optional_ptr<float>(sample_weight, op, "sample_weight", 1, false);
@@ -114,11 +116,11 @@ void kcenter_greedy_cpu(const py::array& x, index_t m, index_t start,
   expect(start >= 0 && start < n, op, "start must be in [0, n)");
   expect(!pw || py::cast<py::array>(sample_weight).shape(0) == n, op, "sample_weight must have shape [n]");
   py::gil_scoped_release nogil;
-  sp::kcenter_greedy_cpu(px, n, d, m, start, pw, po);
+  return sp::kcenter_greedy_cpu(px, n, d, m, start, pw, po);
 }
 
-void kcenter_greedy_approx_cpu(const py::array& x, index_t m, const py::array& anchors,
-                               const py::object& sample_weight, const py::array& out_idx) {
+index_t kcenter_greedy_approx_cpu(const py::array& x, index_t m, const py::array& anchors,
+                                  const py::object& sample_weight, const py::array& out_idx) {
   const char* op = "kcenter_greedy_approx";
   const float* px = checked_ptr<float>(x, op, "x", 2, false);
   const index_t* pa = checked_ptr<index_t>(anchors, op, "anchors", 1, false);
@@ -130,8 +132,111 @@ void kcenter_greedy_approx_cpu(const py::array& x, index_t m, const py::array& a
   for (index_t i = 0; i < na; ++i) expect(pa[i] >= 0 && pa[i] < n, op, "anchors must be in [0, n)");
   expect(!pw || py::cast<py::array>(sample_weight).shape(0) == n, op, "sample_weight must have shape [n]");
   py::gil_scoped_release nogil;
-  sp::kcenter_greedy_approx_cpu(px, n, d, m, pa, na, pw, po);
+  return sp::kcenter_greedy_approx_cpu(px, n, d, m, pa, na, pw, po);
 }
+
+// ---------------------------------------------------------------- CUDA ops
+#ifdef SOFTPATCH_WITH_CUDA
+// The Python layer passes device pointers and sizes as integers. Checked here,
+// as the CPU entry points check their arrays, before any CUDA call: sizes,
+// null and misaligned pointers, the dtype code, the workspace size. (Output
+// buffers are allocated by the Python layer from these same sizes.)
+template <class T>
+T* device_ptr(uintptr_t p, const char* op, const char* name, size_t align = alignof(T)) {
+  const std::string where = std::string(op) + ": argument '" + name + "'";
+  if (p == 0) throw py::value_error(where + " is a null device pointer");
+  if (p % align)
+    throw py::value_error(where + " must be aligned to " + std::to_string(align) + " bytes");
+  return reinterpret_cast<T*>(p);
+}
+
+template <class T>
+T* optional_device_ptr(uintptr_t p, const char* op, const char* name) {
+  return p ? device_ptr<T>(p, op, name) : nullptr;
+}
+
+sp::DType dtype_code(int code, const char* op) {
+  expect(code == int(sp::DType::F32) || code == int(sp::DType::F16), op,
+         "unknown dtype code " + std::to_string(code) + " (0: float32, 1: float16)");
+  return sp::DType(code);
+}
+
+// Element alignment of a feature array of `dtype`.
+size_t feature_align(sp::DType dtype) { return dtype == sp::DType::F16 ? 2 : 4; }
+
+void expect_workspace(index_t have, index_t need, const char* op) {
+  expect(have >= need, op, "workspace has " + std::to_string(have) + " floats, needs " +
+                               std::to_string(need));
+}
+
+void pairwise_sqdist_cuda(uintptr_t a, uintptr_t b, uintptr_t out, index_t B, index_t n,
+                          index_t m, index_t d, int dtype, bool tf32, uintptr_t stream) {
+  const char* op = "pairwise_sqdist";
+  const sp::DType dt = dtype_code(dtype, op);
+  expect(B >= 1 && n >= 1 && m >= 1 && d >= 1, op, "need B, n, m, d >= 1");
+  const void* pa = device_ptr<const void>(a, op, "a", feature_align(dt));
+  const void* pb = device_ptr<const void>(b, op, "b", feature_align(dt));
+  float* po = device_ptr<float>(out, op, "out");
+  py::gil_scoped_release nogil;
+  sp::pairwise_sqdist_cuda(pa, pb, po, B, n, m, d, dt, tf32, stream);
+}
+
+void knn_cuda(uintptr_t queries, index_t q, uintptr_t bank, index_t m, index_t d, index_t k,
+              uintptr_t weights, uintptr_t out_dist, uintptr_t out_idx, uintptr_t out_score,
+              int dtype, bool tf32, uintptr_t workspace, index_t workspace_floats,
+              uintptr_t stream) {
+  const char* op = "knn";
+  const sp::DType dt = dtype_code(dtype, op);
+  expect(q >= 1 && m >= 1 && d >= 1, op, "need q, m, d >= 1");
+  expect(k >= 1 && k <= m, op, "k must be in [1, m]");
+  const void* pq = device_ptr<const void>(queries, op, "queries", feature_align(dt));
+  const void* pb = device_ptr<const void>(bank, op, "bank", feature_align(dt));
+  const float* pw = optional_device_ptr<const float>(weights, op, "weights");
+  float* pd = device_ptr<float>(out_dist, op, "out_dist");
+  index_t* pi = device_ptr<index_t>(out_idx, op, "out_idx");
+  float* ps = optional_device_ptr<float>(out_score, op, "out_score");
+  expect(!ps || pw, op, "out_score needs weights");
+  float* pws = device_ptr<float>(workspace, op, "workspace");
+  expect_workspace(workspace_floats, sp::knn_cuda_workspace_floats(q, m, k), op);
+  py::gil_scoped_release nogil;
+  sp::knn_cuda(pq, q, pb, m, d, k, pw, pd, pi, ps, dt, tf32, pws, stream);
+}
+
+void lof_cuda(uintptr_t x, index_t B, index_t n, index_t d, index_t k, uintptr_t out,
+              uintptr_t workspace, index_t workspace_floats, uintptr_t stream) {
+  const char* op = "lof";
+  expect(B >= 1 && d >= 1, op, "need B >= 1 and d >= 1");
+  expect(n >= 2 && k >= 1 && k <= n - 1, op, "need n >= 2 and 1 <= k <= n - 1");
+  const float* px = device_ptr<const float>(x, op, "x");
+  float* po = device_ptr<float>(out, op, "out");
+  // The workspace starts with doubles.
+  float* pws = device_ptr<float>(workspace, op, "workspace", alignof(double));
+  expect_workspace(workspace_floats, sp::lof_cuda_workspace_floats(B, n, k), op);
+  py::gil_scoped_release nogil;
+  sp::lof_cuda(px, B, n, d, k, po, pws, stream);
+}
+
+void kcenter_greedy_cuda(uintptr_t x, index_t n, index_t d, index_t m, index_t start,
+                         uintptr_t anchors, index_t n_anchors, uintptr_t sample_weight,
+                         uintptr_t out_idx, int dtype, uintptr_t workspace,
+                         index_t workspace_floats, uintptr_t stream) {
+  const char* op = start >= 0 ? "kcenter_greedy" : "kcenter_greedy_approx";
+  const sp::DType dt = dtype_code(dtype, op);
+  expect(n >= 1 && d >= 1, op, "need n, d >= 1");
+  expect(m >= 1 && m <= n, op, "need 1 <= m <= n");
+  expect(start < n, op, "start must be in [0, n)");
+  const void* px = device_ptr<const void>(x, op, "x", feature_align(dt));
+  const index_t* pa = start >= 0 ? nullptr : device_ptr<const index_t>(anchors, op, "anchors");
+  expect(start >= 0 || n_anchors >= 1, op, "anchors must not be empty");
+  const float* pw = optional_device_ptr<const float>(sample_weight, op, "sample_weight");
+  index_t* po = device_ptr<index_t>(out_idx, op, "out_idx");
+  // The workspace holds int64 partials.
+  float* pws = device_ptr<float>(workspace, op, "workspace", alignof(int64_t));
+  expect_workspace(workspace_floats, sp::kcenter_cuda_workspace_floats(n), op);
+  py::gil_scoped_release nogil;
+  sp::kcenter_greedy_cuda(px, n, d, m, start, pa, n_anchors, pw, po, dt, pws, stream);
+}
+#endif  // SOFTPATCH_WITH_CUDA
 
 py::dict build_info() {
   py::dict info;
@@ -190,39 +295,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("kcenter_greedy_approx_cpu", &kcenter_greedy_approx_cpu);
 
 #ifdef SOFTPATCH_WITH_CUDA
-  // Raw-pointer CUDA entry points: (pointers..., sizes..., dtype, ..., stream).
-  m.def("pairwise_sqdist_cuda",
-        [](uintptr_t a, uintptr_t b, uintptr_t out, index_t B, index_t n, index_t mm,
-           index_t d, int dtype, bool tf32, uintptr_t stream) {
-          py::gil_scoped_release nogil;
-          sp::pairwise_sqdist_cuda((const void*)a, (const void*)b, (float*)out, B, n, mm, d,
-                                   sp::DType(dtype), tf32, stream);
-        });
+  // Raw-pointer CUDA entry points: (pointers..., sizes..., dtype, ..., stream);
+  // every argument is checked (cuda_* below) before the kernel is queued.
+  m.def("pairwise_sqdist_cuda", &pairwise_sqdist_cuda);
   m.def("knn_cuda_workspace_floats", &sp::knn_cuda_workspace_floats);
-  m.def("knn_cuda",
-        [](uintptr_t qp, index_t q, uintptr_t bp, index_t mm, index_t d, index_t k,
-           uintptr_t w, uintptr_t od, uintptr_t oi, uintptr_t os, int dtype, bool tf32,
-           uintptr_t ws, uintptr_t stream) {
-          py::gil_scoped_release nogil;
-          sp::knn_cuda((const void*)qp, q, (const void*)bp, mm, d, k, (const float*)w,
-                       (float*)od, (index_t*)oi, (float*)os, sp::DType(dtype), tf32,
-                       (float*)ws, stream);
-        });
+  m.def("knn_cuda", &knn_cuda);
   m.def("lof_cuda_workspace_floats", &sp::lof_cuda_workspace_floats);
-  m.def("lof_cuda",
-        [](uintptr_t x, index_t B, index_t n, index_t d, index_t k, uintptr_t out,
-           uintptr_t ws, uintptr_t stream) {
-          py::gil_scoped_release nogil;
-          sp::lof_cuda((const float*)x, B, n, d, k, (float*)out, (float*)ws, stream);
-        });
+  m.def("lof_cuda", &lof_cuda);
   m.def("kcenter_cuda_workspace_floats", &sp::kcenter_cuda_workspace_floats);
-  m.def("kcenter_greedy_cuda",
-        [](uintptr_t x, index_t n, index_t d, index_t mm, index_t start, uintptr_t anchors,
-           index_t na, uintptr_t w, uintptr_t out, int dtype, uintptr_t ws, uintptr_t stream) {
-          py::gil_scoped_release nogil;
-          sp::kcenter_greedy_cuda((const void*)x, n, d, mm, start, (const index_t*)anchors, na,
-                                  (const float*)w, (index_t*)out, sp::DType(dtype),
-                                  (float*)ws, stream);
-        });
+  m.def("kcenter_greedy_cuda", &kcenter_greedy_cuda);
 #endif
 }

@@ -21,7 +21,7 @@
 // float32 rounding and near-ties mis-ordered by the expansion are restored.
 // Inputs must be finite (the Python wrapper checks); with NaN rows a query may
 // get fewer than k candidates: the missing slots are NaN / index -1 (and the
-// score NaN). Instruction set as for pairwise_sqdist_cpu (cpu_simd.h).
+// score NaN). Instruction set as for every CPU kernel (cpu/simd.h).
 #pragma once
 #include "common.h"
 

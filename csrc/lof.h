@@ -20,8 +20,8 @@
 // CPU kernel: float32 SIMD Gram distances select candidates with a rigorous
 // error margin, the k nearest are then chosen on exact float64 distances
 // (summed in numpy's order), so the result equals the float64 reference up to
-// the final float32 rounding, on every instruction-set path
-// (SOFTPATCH_CPU_ISA=avx512|avx2|scalar caps the path; default: best the CPU has).
+// the final float32 rounding, on every instruction-set path (cpu/simd.h,
+// SOFTPATCH_CPU_ISA).
 // Contract: n >= 2 and 1 <= k <= n - 1 (the Python wrapper clamps k like
 // scikit-learn and handles n == 1).
 #pragma once

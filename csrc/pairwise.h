@@ -11,8 +11,8 @@
 // values below 2^-10 of the centred squared norms are recomputed from the
 // differences (double accumulation), so duplicates give exactly 0 and small
 // distances keep their relative accuracy. Instruction set picked at run time
-// (AVX-512 / AVX2+FMA / portable; env SOFTPATCH_CPU_ISA overrides, see
-// cpu_simd.h); throws std::invalid_argument for a bad override.
+// (AVX-512 / AVX2+FMA / portable; env SOFTPATCH_CPU_ISA pins one, see
+// cpu/simd.h); throws std::invalid_argument for a bad or unsupported pin.
 #pragma once
 #include "common.h"
 

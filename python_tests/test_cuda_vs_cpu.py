@@ -206,6 +206,35 @@ def test_kcenter_approx_same_indices(rng, n, d, m, n_anchors):
     np.testing.assert_array_equal(got, want)
 
 
+def test_kcenter_stops_where_the_cpu_stops(rng):
+    """Fewer distinct points than m: CUDA returns the same shorter selection as the CPU
+    (no repeated index), for both variants, including a point equal to every anchor."""
+    x = np.repeat(rng.integers(-2, 3, size=(40, 6)).astype(np.float32), 5, axis=0)
+    w = rng.random(200).astype(np.float32) + 0.5
+    w[::7] = 0.0
+    for sw in (None, w):
+        want = ops.kcenter_greedy(x, 200 if sw is None else int((w > 0).sum()), 1, sw)
+        got = host(ops.kcenter_greedy(dev(x), len(x) if sw is None else int((w > 0).sum()), 1,
+                                      None if sw is None else dev(sw)))
+        np.testing.assert_array_equal(got, want)
+        assert len(np.unique(got)) == len(got) < 200
+        want = ops.kcenter_greedy_approx(x, 150, seed=2, sample_weight=sw)
+        got = host(ops.kcenter_greedy_approx(dev(x), 150, seed=2, sample_weight=None if sw is None else dev(sw)))
+        np.testing.assert_array_equal(got, want)
+    z = np.zeros((24, 3), np.float32)
+    z[[3, 11, 17]] = [[5, 0, 0], [0, 4, 0], [0, 0, 3]]
+    seed = next(s for s in range(1000)
+                if not set(np.random.default_rng(s).choice(24, 10, replace=False)) & {3, 11, 17})
+    np.testing.assert_array_equal(host(ops.kcenter_greedy_approx(dev(z), 24, seed=seed)), [3, 11, 17, 0])
+
+
+def test_knn_negative_weights_rejected_on_device(rng):
+    w = np.ones(8, np.float32)
+    w[2] = -1.0
+    with pytest.raises(ValueError, match="knn: argument 'weights' must be >= 0"):
+        ops.knn(dev(randn(rng, 4, 3)), dev(randn(rng, 8, 3)), 1, dev(w), check_finite=False)
+
+
 def test_bad_dtype_code_is_rejected_before_launch(rng):
     from softpatch_cuda import _core
 

@@ -155,3 +155,100 @@ def test_nan_errors_name_the_argument(rng, framework):
     half[0, 0] = np.inf
     with pytest.raises(ValueError, match="argument 'a' contains NaN or infinite"):
         ops.pairwise_sqdist(half, half)
+
+
+# ------------------------------------------------------------------ CUDA entry points
+# The raw CUDA bindings check every argument before any CUDA call, so these run on
+# any build compiled with CUDA, with or without a GPU. FAKE is an aligned, non-null
+# address that is never dereferenced (a missing check would reach the kernel).
+FAKE = 1 << 20
+needs_cuda_build = pytest.mark.skipif(not hasattr(_core, "knn_cuda"), reason="softpatch_cuda built without CUDA")
+
+
+@needs_cuda_build
+def test_cuda_pairwise_binding_checks():
+    args = dict(a=FAKE, b=FAKE, out=FAKE, B=1, n=4, m=5, d=3, dtype=0, tf32=False, stream=0)
+
+    def call(**kw):
+        _core.pairwise_sqdist_cuda(*dict(args, **kw).values())
+
+    with pytest.raises(ValueError, match="pairwise_sqdist: argument 'a' is a null device pointer"):
+        call(a=0)
+    with pytest.raises(ValueError, match="argument 'out' must be aligned to 4 bytes"):
+        call(out=FAKE + 2)
+    with pytest.raises(ValueError, match="argument 'b' must be aligned to 4 bytes"):
+        call(b=FAKE + 2)
+    with pytest.raises(ValueError, match="need B, n, m, d >= 1"):
+        call(m=0)
+    with pytest.raises(ValueError, match="unknown dtype code 7"):
+        call(dtype=7)
+
+
+@needs_cuda_build
+def test_cuda_knn_binding_checks():
+    q, m, k = 3, 10, 2
+    need = _core.knn_cuda_workspace_floats(q, m, k)
+    args = dict(queries=FAKE, q=q, bank=FAKE, m=m, d=4, k=k, weights=FAKE, out_dist=FAKE, out_idx=FAKE,
+                out_score=FAKE, dtype=0, tf32=False, workspace=FAKE, workspace_floats=need, stream=0)
+
+    def call(**kw):
+        _core.knn_cuda(*dict(args, **kw).values())
+
+    with pytest.raises(ValueError, match="knn: k must be in \\[1, m\\]"):
+        call(k=11)
+    with pytest.raises(ValueError, match="need q, m, d >= 1"):
+        call(q=0)
+    with pytest.raises(ValueError, match="argument 'out_idx' is a null device pointer"):
+        call(out_idx=0)
+    with pytest.raises(ValueError, match="argument 'out_idx' must be aligned to 8 bytes"):
+        call(out_idx=FAKE + 4)
+    with pytest.raises(ValueError, match="out_score needs weights"):
+        call(weights=0)
+    with pytest.raises(ValueError, match=f"workspace has {need - 1} floats, needs {need}"):
+        call(workspace_floats=need - 1)
+    with pytest.raises(ValueError, match="argument 'bank' must be aligned to 2 bytes"):
+        call(dtype=1, bank=FAKE + 1)
+
+
+@needs_cuda_build
+def test_cuda_lof_binding_checks():
+    need = _core.lof_cuda_workspace_floats(2, 5, 3)
+    args = dict(x=FAKE, B=2, n=5, d=4, k=3, out=FAKE, workspace=FAKE, workspace_floats=need, stream=0)
+
+    def call(**kw):
+        _core.lof_cuda(*dict(args, **kw).values())
+
+    with pytest.raises(ValueError, match="lof: need n >= 2 and 1 <= k <= n - 1"):
+        call(k=5)
+    with pytest.raises(ValueError, match="need B >= 1 and d >= 1"):
+        call(d=0)
+    with pytest.raises(ValueError, match="argument 'x' is a null device pointer"):
+        call(x=0)
+    with pytest.raises(ValueError, match="argument 'workspace' must be aligned to 8 bytes"):
+        call(workspace=FAKE + 4)
+    with pytest.raises(ValueError, match="workspace has 1 floats"):
+        call(workspace_floats=1)
+
+
+@needs_cuda_build
+def test_cuda_kcenter_binding_checks():
+    n = 20
+    need = _core.kcenter_cuda_workspace_floats(n)
+    args = dict(x=FAKE, n=n, d=3, m=5, start=0, anchors=0, n_anchors=0, sample_weight=0, out_idx=FAKE, dtype=0,
+                workspace=FAKE, workspace_floats=need, stream=0)
+
+    def call(**kw):
+        _core.kcenter_greedy_cuda(*dict(args, **kw).values())
+
+    with pytest.raises(ValueError, match="kcenter_greedy: need 1 <= m <= n"):
+        call(m=21)
+    with pytest.raises(ValueError, match="start must be in \\[0, n\\)"):
+        call(start=20)
+    with pytest.raises(ValueError, match="kcenter_greedy_approx: argument 'anchors' is a null device pointer"):
+        call(start=-1)
+    with pytest.raises(ValueError, match="kcenter_greedy_approx: anchors must not be empty"):
+        call(start=-1, anchors=FAKE)
+    with pytest.raises(ValueError, match="argument 'sample_weight' must be aligned to 4 bytes"):
+        call(sample_weight=FAKE + 1)
+    with pytest.raises(ValueError, match="workspace has 0 floats"):
+        call(workspace_floats=0)

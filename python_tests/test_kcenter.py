@@ -16,7 +16,7 @@ import torch
 from softpatch_cuda import _reference as R
 from softpatch_cuda import ops
 
-from conftest import CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
+from conftest import SUPPORTED_CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _harness as H  # noqa: E402
@@ -26,6 +26,40 @@ import _harness as H  # noqa: E402
 def _anchors(n: int, n_anchors: int, seed: int) -> np.ndarray:
     """The anchors ops.kcenter_greedy_approx draws."""
     return np.random.default_rng(seed).choice(n, size=min(n_anchors, n), replace=False)
+
+
+def _distinct_greedy(x, m, start=None, anchors=None, sample_weight=None) -> np.ndarray:
+    """kcenter.h's "Distinct centres" rule as a naive float64 loop: the naive greedy loop of
+    _reference.py, except that when every priority is 0 the next centre is the lowest-index
+    eligible point at distance > 0 from every centre, and when there is none selection stops."""
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    if anchors is None:
+        mind, c = np.full(n, np.inf), start
+    else:
+        mind = np.sqrt(R.pairwise_sqdist(x, x[anchors])).mean(axis=1)
+        c = int(np.argmax(np.where(w > 0, w * mind, -1.0)))
+    cover = np.full(n, np.inf)  # distance to the nearest centre
+    sel = []
+    while len(sel) < m:
+        sel.append(c)
+        dist = np.sqrt(((x - x[c]) ** 2).sum(1))
+        mind, cover = np.minimum(mind, dist), np.minimum(cover, dist)
+        prio = np.where(w > 0, w * mind, -1.0)
+        if prio.max() > 0:
+            c = int(np.argmax(prio))
+            continue
+        free = np.flatnonzero((w > 0) & (cover > 0))
+        if free.size == 0:
+            break
+        c = int(free[0])
+    return np.asarray(sel, np.int64)
+
+
+def _n_distinct(x, sample_weight=None) -> int:
+    keep = slice(None) if sample_weight is None else sample_weight > 0
+    return len(np.unique(x[keep], axis=0))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -51,10 +85,64 @@ def test_ties_and_duplicates(isa):
     # Small integers: many exactly equal distances, so the lowest-index rule decides.
     x = rng.integers(-2, 3, size=(120, 5)).astype(np.float32)
     x[60:] = x[:60]
-    for m in (10, 60, 120):  # beyond the distinct points the naive loop re-selects a centre
-        np.testing.assert_array_equal(ops.kcenter_greedy(x, m, start=5), R.kcenter_greedy(x, m, start=5))
+    n_distinct = _n_distinct(x)
+    assert n_distinct < 120  # m = 120 runs out of distinct points
+    for m in (10, 60, 120):
+        got = ops.kcenter_greedy(x, m, start=5)
+        # Beyond the distinct points the naive loop would select covered points again;
+        # the kernel stops there: its selection is the naive loop's first min(m, D).
+        assert len(got) == min(m, n_distinct)
+        np.testing.assert_array_equal(got, R.kcenter_greedy(x, m, start=5)[: len(got)])
     grid = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2).astype(np.float32)
     np.testing.assert_array_equal(ops.kcenter_greedy(grid, 36), R.kcenter_greedy(grid, 36))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_never_repeats_a_point_when_distinct_points_run_out(isa, seed):
+    rng = np.random.default_rng(100 + seed)
+    n, d = int(rng.integers(2, 120)), int(rng.integers(1, 9))
+    base = rng.integers(-1, 2, size=(int(rng.integers(1, n + 1)), d)).astype(np.float32)
+    x = base[rng.integers(0, len(base), n)]  # duplicates everywhere
+    w = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    w[rng.random(n) < 0.3] = 0.0
+    w[int(rng.integers(0, n))] = 1.0
+    start = int(np.flatnonzero(w)[0])
+    for sw in (None, w):
+        eligible = n if sw is None else int((sw > 0).sum())
+        n_distinct = _n_distinct(x, sw)
+        for m in {1, min(n_distinct, eligible), eligible}:
+            for got, want in (
+                (ops.kcenter_greedy(x, m, start=start, sample_weight=sw),
+                 _distinct_greedy(x, m, start=start, sample_weight=sw)),
+                (ops.kcenter_greedy_approx(x, m, seed=seed, sample_weight=sw),
+                 _distinct_greedy(x, m, anchors=_anchors(n, 10, seed), sample_weight=sw)),
+            ):
+                np.testing.assert_array_equal(got, want)
+                assert len(got) == min(m, n_distinct)
+                assert len(np.unique(x[got], axis=0)) == len(got)  # distinct rows, so distinct indices
+                assert sw is None or (sw[got] > 0).all()
+
+
+def test_approx_selects_the_point_equal_to_every_anchor(isa):
+    """Approximate variant: a point identical to every anchor starts at priority 0, like a
+    covered one; it is still selected (once) before selection stops."""
+    n = 24
+    x = np.zeros((n, 3), np.float32)
+    x[[3, 11, 17]] = [[5, 0, 0], [0, 4, 0], [0, 0, 3]]  # 3 distinct points, 21 copies of the origin
+    seed = next(s for s in range(1000) if not set(_anchors(n, 10, s)) & {3, 11, 17})
+    for m in (3, 4, n):
+        got = ops.kcenter_greedy_approx(x, m, seed=seed)
+        np.testing.assert_array_equal(got, _distinct_greedy(x, m, anchors=_anchors(n, 10, seed)))
+        assert list(got) == [3, 11, 17, 0][:m]
+
+
+def test_identical_points_give_one_centre(isa):
+    x = np.full((10, 4), 2.5, np.float32)
+    np.testing.assert_array_equal(ops.kcenter_greedy(x, 6, start=4), [4])
+    np.testing.assert_array_equal(ops.kcenter_greedy_approx(x, 10), [0])
+    w = np.ones(10, np.float32)
+    w[:7] = 0
+    np.testing.assert_array_equal(ops.kcenter_greedy_approx(x, 3, sample_weight=w), [7])
 
 
 def test_all_distinct_points_m_equals_n_is_a_permutation(isa):
@@ -163,8 +251,13 @@ def test_bad_inputs(monkeypatch):
     for fn in (ops.kcenter_greedy, ops.kcenter_greedy_approx):
         with pytest.raises(ValueError, match="from 0 eligible"):
             fn(x, 1, sample_weight=np.zeros(10, np.float32))
-        with pytest.raises(ValueError, match=">= 0"):
+        with pytest.raises(ValueError, match="argument 'sample_weight' must be >= 0"):
             fn(x, 1, sample_weight=-w)
+        for bad in (np.nan, np.inf):  # weights are checked even with check_finite=False
+            wb = w.copy()
+            wb[5] = bad
+            with pytest.raises(ValueError, match="argument 'sample_weight' contains NaN or infinite"):
+                fn(x, 1, sample_weight=wb, check_finite=False)
         with pytest.raises(ValueError, match="shape"):
             fn(x, 1, sample_weight=np.ones(9, np.float32))
         with pytest.raises(ValueError, match="'m'"):

@@ -182,6 +182,25 @@ def test_knn_non_finite_input_is_an_error(rng, name, bad):
         ops.knn(args["queries"], args["bank"], 2, args["weights"])
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_knn_rejects_negative_and_non_finite_weights(rng, check_finite):
+    """Weights are checked whatever check_finite says (one pass over m values)."""
+    queries, bank = randn(rng, 5, 4), randn(rng, 8, 4)
+    w = np.ones(8, np.float32)
+    w[3] = -0.5
+    with pytest.raises(ValueError, match="knn: argument 'weights' must be >= 0"):
+        ops.knn(queries, bank, 2, w, check_finite=check_finite)
+    with pytest.raises(ValueError, match="knn: argument 'weights' must be >= 0"):
+        ops.knn(torch.from_numpy(queries), torch.from_numpy(bank), 2, torch.from_numpy(w), check_finite=check_finite)
+    for bad in (np.nan, np.inf, -np.inf):
+        w[3] = bad
+        with pytest.raises(ValueError, match="knn: argument 'weights' contains NaN or infinite"):
+            ops.knn(queries, bank, 2, w, check_finite=check_finite)
+    w[3] = 0.0  # zero is a valid weight: that neighbour scores 0
+    got = ops.knn(bank[3:4], bank, 1, w)
+    assert got.indices[0, 0] == 3 and got.scores[0] == 0.0
+
+
 def test_knn_nan_unchecked_is_memory_safe(isa):
     """check_finite=False with NaN rows: results are unspecified but defined
     (no crash, no out-of-range index)."""

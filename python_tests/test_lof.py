@@ -12,7 +12,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from softpatch_cuda import _reference as R
 from softpatch_cuda import ops
 
-from conftest import CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
+from conftest import SUPPORTED_CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
 
 
 

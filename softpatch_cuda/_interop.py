@@ -93,6 +93,20 @@ def check_finite(a: Arr, op: str, name: str) -> None:
         raise ValueError(f"{op}: argument '{name}' contains NaN or infinite values")
 
 
+def check_weights(a: Arr, op: str, name: str) -> None:
+    """Weights (one per point, O(n)): finite and >= 0, checked whatever ``check_finite``
+    says -- one min/max pass."""
+    x = a.obj
+    if a.framework == "torch":
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    else:  # numpy or CuPy; min/max propagate NaN
+        lo, hi = float(x.min()), float(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{op}: argument '{name}' contains NaN or infinite values")
+    if lo < 0:
+        raise ValueError(f"{op}: argument '{name}' must be >= 0 (its minimum is {lo:g})")
+
+
 def check_same_device(op: str, *args: tuple[str, Arr | None]) -> None:
     present = [(n, a) for n, a in args if a is not None]
     first_name, first = present[0]
@@ -150,6 +164,11 @@ def device_ptr(x: Any) -> int:
     if isinstance(x, torch.Tensor):
         return int(x.data_ptr())
     return int(x.__cuda_array_interface__["data"][0])
+
+
+def numel(x: Any) -> int:
+    """Number of elements of a CUDA array (torch or CuPy)."""
+    return int(x.numel()) if isinstance(x, torch.Tensor) else int(x.size)
 
 
 def device_contiguous(a: Arr) -> Any:

@@ -142,8 +142,8 @@ def knn(
         queries: [q, d] float32 (or float16).
         bank: [m, d], same dtype and device.
         k: number of neighbours; clamped to m when k > m.
-        weights: optional [m] float32 soft weights (SoftPatch): then
-            ``scores = distances[:, 0] * weights[indices[:, 0]]``.
+        weights: optional [m] float32 soft weights (SoftPatch), finite and >= 0 (always
+            checked: ValueError otherwise); then ``scores = distances[:, 0] * weights[indices[:, 0]]``.
         allow_tf32: on CUDA, allow TF32 tensor-core math for float32 inputs.
         check_finite: set False to skip the NaN/inf scan (e.g. a bank already checked).
 
@@ -162,6 +162,8 @@ def knn(
         if W.shape[0] != Bk.shape[0]:
             raise ValueError(f"{op}: 'weights' must have shape [{Bk.shape[0]}] (one per bank row), got {W.shape}")
     io.check_same_device(op, ("queries", Q), ("bank", Bk), ("weights", W))
+    if W is not None:
+        io.check_weights(W, op, "weights")
     if Q.shape[1] != Bk.shape[1]:
         raise ValueError(
             f"{op}: 'queries' and 'bank' must have the same feature dimension, got {Q.shape[1]} and {Bk.shape[1]}"
@@ -196,7 +198,7 @@ def knn(
         _core.knn_cuda(
             io.device_ptr(cq), q, io.device_ptr(cb), m, d, k, io.device_ptr(cw),
             io.device_ptr(dist), io.device_ptr(idx), io.device_ptr(score),
-            io.DTYPE_CODE[dtype], bool(allow_tf32), io.device_ptr(ws), io.current_stream(Q),
+            io.DTYPE_CODE[dtype], bool(allow_tf32), io.device_ptr(ws), io.numel(ws), io.current_stream(Q),
         )
     return KnnResult(dist, idx, score)
 
@@ -236,7 +238,8 @@ def lof(x: Any, k: int = 6, *, check_finite: bool = True) -> Any:
     cx = io.device_contiguous(X)
     ws = io.empty_like_framework(X, (max(1, int(_core.lof_cuda_workspace_floats(Bn, n, k))),), "float32")
     with io.device_guard(X):
-        _core.lof_cuda(io.device_ptr(cx), Bn, n, d, int(k), io.device_ptr(out), io.device_ptr(ws), io.current_stream(X))
+        _core.lof_cuda(io.device_ptr(cx), Bn, n, d, int(k), io.device_ptr(out), io.device_ptr(ws), io.numel(ws),
+                       io.current_stream(X))
     return out
 
 
@@ -252,10 +255,8 @@ def _check_kcenter_args(op: str, X: io.Arr, m: Any, sample_weight: Any, check_fi
         io.check_same_device(op, ("x", X), ("sample_weight", W))
         if W.shape[0] != n:
             raise ValueError(f"{op}: 'sample_weight' must have shape [{n}], got {W.shape}")
-        w = W.obj
-        if bool((w < 0).any()):
-            raise ValueError(f"{op}: 'sample_weight' must be >= 0")
-        n_eligible = int((w > 0).sum())
+        io.check_weights(W, op, "sample_weight")
+        n_eligible = int((W.obj > 0).sum())
     if m > n_eligible:
         raise ValueError(
             f"{op}: cannot select m={m} centres from {n_eligible} eligible points "
@@ -271,7 +272,7 @@ def _weight_at(W: io.Arr | None, i: int) -> float:
 def kcenter_greedy(
     x: Any, m: int, start: int = 0, sample_weight: Any = None, *, half: bool = False, check_finite: bool = True
 ) -> Any:
-    """Exact greedy k-center (farthest-point) coreset: ``m`` indices in selection order.
+    """Exact greedy k-center (farthest-point) coreset: up to ``m`` distinct indices in selection order.
 
     The first index is ``start``; each next one is the point with the largest
     ``sample_weight * distance to the nearest selected point`` (ties -> lowest
@@ -279,15 +280,21 @@ def kcenter_greedy(
     Identical to the naive O(n*m*d) loop; the kernels prune work with the
     triangle inequality.
 
+    No point is selected twice, and no two selected points are equal: once every
+    remaining point coincides with a selected one (all priorities 0), selection
+    stops. So the result has ``min(m, D)`` indices, D = the number of distinct
+    rows among the points with weight > 0 -- fewer than ``m`` only when the data
+    holds fewer than ``m`` distinct points; then it is the naive loop's first D.
+
     Args:
         x: [n, d] float32 (float16 accepted; on CUDA it stays half-size).
-        m: number of centres, 1 <= m <= number of points with weight > 0.
+        m: number of centres, 1 <= m <= number of points with weight > 0 (ValueError otherwise).
         start: index of the first centre.
-        sample_weight: optional [n] float32 >= 0.
+        sample_weight: optional [n] float32, finite and >= 0.
         half: on CUDA, keep float32 features as float16 internally (faster, L2-resident).
 
     Returns:
-        [m] int64 indices (numpy / torch, on the input's device).
+        [min(m, D)] int64 indices (numpy / torch, on the input's device).
     """
     op = "kcenter_greedy"
     X = _validate(op, "x", x, (2,), _HALF_OK, check_finite)
@@ -299,10 +306,10 @@ def kcenter_greedy(
         raise ValueError(f"{op}: 'start'={start} has sample_weight 0 and can never be selected")
     out = io.empty_like_framework(X, (m,), "int64")
     if X.device == "cpu":
-        _core.kcenter_greedy_cpu(
+        count = _core.kcenter_greedy_cpu(
             io.host_float32(X), m, int(start), None if W is None else io.host_view(W), io.out_view(out)
         )
-        return out
+        return out[:count]
     return _kcenter_cuda(op, X, W, m, int(start), None, half, out)
 
 
@@ -317,8 +324,13 @@ def kcenter_greedy_approx(
     :func:`kcenter_greedy`, starting from the point with the largest initial
     (weighted) distance.
 
+    Distinct indices of distinct points, as in :func:`kcenter_greedy`: when every
+    priority is 0, the next centre is the lowest-index point that coincides with no
+    selected one (here a point identical to every anchor can be such a point), and
+    selection stops when there is none.
+
     Returns:
-        [m] int64 indices in selection order.
+        [min(m, D)] int64 indices in selection order (D: distinct rows of weight > 0).
     """
     op = "kcenter_greedy_approx"
     X = _validate(op, "x", x, (2,), _HALF_OK, check_finite)
@@ -329,10 +341,10 @@ def kcenter_greedy_approx(
     anchors = np.random.default_rng(seed).choice(n, size=min(int(n_anchors), n), replace=False).astype(np.int64)
     out = io.empty_like_framework(X, (m,), "int64")
     if X.device == "cpu":
-        _core.kcenter_greedy_approx_cpu(
+        count = _core.kcenter_greedy_approx_cpu(
             io.host_float32(X), m, anchors, None if W is None else io.host_view(W), io.out_view(out)
         )
-        return out
+        return out[:count]
     if X.framework == "torch":
         dev_anchors = torch.from_numpy(anchors).to(X.obj.device)
     else:
@@ -354,9 +366,12 @@ def _kcenter_cuda(op, X, W, m, start, anchors, half, out):
     with io.device_guard(X):
         _core.kcenter_greedy_cuda(
             io.device_ptr(cx), n, d, m, start, io.device_ptr(anchors), 0 if anchors is None else len(anchors),
-            io.device_ptr(cw), io.device_ptr(out), io.DTYPE_CODE[dtype], io.device_ptr(ws), io.current_stream(X),
+            io.device_ptr(cw), io.device_ptr(out), io.DTYPE_CODE[dtype], io.device_ptr(ws), io.numel(ws),
+            io.current_stream(X),
         )
-    return out
+    # Slots after the last centre hold -1 (selection stopped early); counting them
+    # waits for the stream.
+    return out[: int((out >= 0).sum())]
 
 
 __all__ = ["KnnResult", "kcenter_greedy", "kcenter_greedy_approx", "knn", "lof", "pairwise_sqdist"]

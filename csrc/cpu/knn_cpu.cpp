@@ -1,8 +1,7 @@
-// knn on the CPU: query x bank tiles through the shared distance-tile engine
-// (cpu_simd.h), a running top-k per query, never the q x m matrix.
+// knn on the CPU: query x bank tiles through the shared Gram engine (gram.h),
+// a running top-k per query, never the q x m matrix.
 //
-// This file is compiled once per instruction set (see cpu_simd.h); the
-// portable copy also holds sp::knn_cpu, which dispatches at run time.
+// Compiled once per instruction set (simd.h); entry point: cpu/dispatch.cpp.
 //
 // Work split (OpenMP):
 //  * many bank tiles: threads take bank tiles dynamically and keep private
@@ -18,12 +17,14 @@
 // below their norms), the query falls back to an exact scan of the bank. So
 // returned distances never suffer from the expansion's cancellation, and
 // near-ties it mis-ordered are put back in order.
-#include "knn.h"
-
 #include <algorithm>
 #include <cmath>
 
-#include "cpu_simd.h"
+#include "exact_dist.h"
+#include "gram.h"
+#include "kernels.h"
+#include "simd.h"
+#include "tiles.h"
 #include "topk.h"
 
 namespace sp {
@@ -32,10 +33,10 @@ namespace SP_ISA_NS {
 namespace {
 // Candidates kept per list beyond k, for the exact recheck.
 constexpr index_t kExtra = 8;
-// Relative error bound assumed for the expansion, times (|a| + |b|)^2 of the
-// centred rows: ~1000 float32 epsilons, a few times the worst case of the
-// chunked FMA sums (up to kKC + d / kKC terms).
-constexpr double kTol = 1.0 / 16384.0;
+// Relative error bound assumed for the expansion, times (|a| + |b|)^2 >=
+// ||a||^2 + ||b||^2 of the centred rows: twice gram_error(d), and at least
+// ~1000 float32 epsilons.
+double expansion_tolerance(index_t d) { return dmax(1.0 / 16384.0, 2.0 * gram_error(d)); }
 
 // The k nearest rows of the whole bank by exact distance, ascending, ties to
 // the lower index, into cand[0, k) (fallback when the expansion cannot rank).
@@ -62,6 +63,7 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
   const index_t K = imin(m, k + kExtra);
   const Chunks ch(d);
   const index_t n_btiles = (m + TM - 1) / TM, n_qtiles = (q + TQ - 1) / TQ;
+  const double tol = expansion_tolerance(d);
   const int threads = int(imax(1, imin(max_threads(), imax(n_btiles, n_qtiles))));
   const bool bank_major = n_btiles >= 2 * index_t(threads) || n_qtiles < 2 * index_t(threads);
   const int n_lists = bank_major ? threads : 1;
@@ -87,8 +89,7 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
 
   // Per-thread scratch: packed query tile, its norms, the dot-product tile and
   // (bank-major) the packed bank tile and its norms.
-  const index_t per_thread = Carve::size(TQ * d) + Carve::size(TQ) + Carve::size(TQ * TM) +
-                             (bank_major ? Carve::size(TM * d) + Carve::size(TM) : 0);
+  const index_t per_thread = TileScratch::floats(TQ, TM, d, bank_major);
   Buffer<float> scratch;
   float* scratch0 = scratch.get(size_t(per_thread) * threads);
   Buffer<Cand> cand_buf;
@@ -96,14 +97,11 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
 
 #pragma omp parallel num_threads(threads)
   {
-    Carve carve{scratch0 + index_t(thread_id()) * per_thread};
-    float* qpack = carve.take(TQ * d);
-    float* qn = carve.take(TQ);
-    float* cbuf = carve.take(TQ * TM);
+    const TileScratch ts(scratch0 + index_t(thread_id()) * per_thread, TQ, TM, d, bank_major);
+    float *qpack = ts.qpack, *qn = ts.qn, *cbuf = ts.cbuf;
 
     if (bank_major) {
-      float* bpack = carve.take(TM * d);
-      float* bn = carve.take(TM);
+      float *bpack = ts.bpack, *bn = ts.bn;
       const index_t list0 = index_t(thread_id()) * q * K;
       // Tiles are handed out in increasing order, so each thread sees its bank
       // rows in increasing index order (what TopK's tie rule needs).
@@ -164,14 +162,14 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
       if (n_lists > 1) std::partial_sort(cand, cand + keep, cand + n);
       const float* qi = queries + i * d;
       // Only candidates within twice the expansion's error of the k-th can
-      // trade places with it. The error is below ~kTol (|a| + |b|)^2 (centred
+      // trade places with it. The error is below tol (|a| + |b|)^2 (centred
       // rows), and |a| + |b| <= 2 |a| + dist by the triangle inequality.
       index_t check = keep;
       bool complete = true;  // the candidates surely hold the true k nearest
       if (keep > k) {
         const double kth = cand[k - 1].d2;
         const double scale = 2.0 * std::sqrt(double(centred_sqnorm(qi, mean, d))) + std::sqrt(kth);
-        const double limit = kth + 2.0 * kTol * scale * scale;
+        const double limit = kth + 2.0 * tol * scale * scale;
         check = k;
         while (check < keep && cand[check].d2 <= limit) ++check;
         // Every kept candidate is inside the error window, so rows that were
@@ -199,43 +197,4 @@ void knn(const float* queries, index_t q, const float* bank, index_t m, index_t 
 }
 
 }  // namespace SP_ISA_NS
-
-// ---------------------------------------------------------------- dispatch
-#ifdef SP_CPU_DISPATCH
-#if SP_CPU_HAVE_AVX2
-namespace cpu_avx2 {
-void knn(const float*, index_t, const float*, index_t, index_t, index_t, const float*, float*,
-         index_t*, float*, index_t, index_t);
-}
-#endif
-#if SP_CPU_HAVE_AVX512
-namespace cpu_avx512 {
-void knn(const float*, index_t, const float*, index_t, index_t, index_t, const float*, float*,
-         index_t*, float*, index_t, index_t);
-}
-#endif
-
-void knn_cpu(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
-             const float* weights, float* out_dist, index_t* out_idx, float* out_score,
-             index_t tile_q, index_t tile_m) {
-  SP_CHECK_ARG(q >= 1 && m >= 1 && d >= 1, "knn: empty input");
-  SP_CHECK_ARG(k >= 1 && k <= m, "knn: k must be in [1, m]");
-  switch (cpu::active_isa()) {
-#if SP_CPU_HAVE_AVX512
-    case cpu::Isa::Avx512:
-      return cpu_avx512::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
-                             tile_q, tile_m);
-#endif
-#if SP_CPU_HAVE_AVX2
-    case cpu::Isa::Avx2:
-      return cpu_avx2::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
-                           tile_q, tile_m);
-#endif
-    default:
-      return cpu_scalar::knn(queries, q, bank, m, d, k, weights, out_dist, out_idx, out_score,
-                             tile_q, tile_m);
-  }
-}
-#endif  // SP_CPU_DISPATCH
-
 }  // namespace sp

@@ -8,12 +8,12 @@
 // threshold is never pushed, so with increasing indices the lowest index wins.
 // Lists from several streams are merged by (distance, index).
 //
-// Per-ISA code (see cpu_simd.h): lives in the ISA namespace.
+// Per-ISA code (see simd.h): lives in the ISA namespace.
 #pragma once
+#include "simd.h"
 #ifndef SP_ISA_NS
-#error "topk.h is included from a per-ISA translation unit after cpu_simd.h"
+#error "topk.h belongs to the per-ISA kernel sources (compiled with SP_CPU_ISA defined)"
 #endif
-#include "cpu_simd.h"
 
 namespace sp {
 namespace SP_ISA_NS {

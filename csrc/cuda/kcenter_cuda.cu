@@ -21,9 +21,15 @@
 // The approximate variant runs one extra "seed" step that sets mindist to the
 // mean anchor distance (assign = -1: no centre yet, never pruned) and writes
 // out_idx[0]; the exact variant's init kernel writes out_idx[0] = start.
+// Distinct centres (kcenter.h): when the best priority is 0, the last block
+// looks for the lowest-index eligible point that coincides with no centre --
+// only a point of initial distance 0 can (mindist 0 with no assigned centre),
+// and only while no centre equals the anchors (zero_covered, set by block 0 of
+// each step) -- and otherwise writes -1: every later launch sees the -1 in
+// out_idx[step] and only passes it on.
 // Workspace (float32 units): mindist [n] | assign (int32) [n] | cc [n] |
 // pad | partial priorities [kMaxBlocks] | partial indices (int64)
-// [2 * kMaxBlocks] | ticket counter.
+// [2 * kMaxBlocks] | ticket counter | zero_covered flag.
 #include <algorithm>
 
 #include "cuda_utils.cuh"
@@ -44,6 +50,7 @@ struct Workspace {
   float* part_v;
   int64_t* part_i;
   unsigned int* ticket;
+  int* zero_covered;  // a selected centre equals the anchors (approximate variant)
 };
 
 Workspace carve(float* ws, index_t n) {
@@ -56,6 +63,7 @@ Workspace carve(float* ws, index_t n) {
   w.part_v = ws + off_v;
   w.part_i = reinterpret_cast<int64_t*>(ws + off_v + kMaxBlocks);
   w.ticket = reinterpret_cast<unsigned int*>(ws + off_v + 3 * kMaxBlocks);
+  w.zero_covered = reinterpret_cast<int*>(ws + off_v + 3 * kMaxBlocks + 1);
   return w;
 }
 
@@ -144,6 +152,7 @@ __global__ void kcenter_init_kernel(Workspace ws, index_t n, index_t start, inde
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     if (start >= 0) out_idx[0] = start;
     *ws.ticket = 0u;
+    *ws.zero_covered = 0;
   }
 }
 
@@ -153,6 +162,7 @@ __global__ void __launch_bounds__(kThreads)
 kcenter_centre_dist_kernel(const T* __restrict__ x, index_t d, const index_t* __restrict__ out_idx,
                            index_t step, float* __restrict__ cc) {
   const int lane = threadIdx.x & 31;
+  if (out_idx[step] < 0) return;  // selection has stopped
   const T* c = x + out_idx[step] * d;
   const index_t warps_total = index_t(gridDim.x) * (kThreads / 32);
   for (index_t j = index_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5); j < step; j += warps_total) {
@@ -173,9 +183,20 @@ kcenter_step_kernel(const T* __restrict__ x, index_t n, index_t d, const float* 
   const int lane = threadIdx.x & 31;
   if constexpr (!SEED) {
     const index_t c = out_idx[step];
+    if (c < 0) {  // selection has stopped: pass the marker on
+      if (blockIdx.x == 0 && threadIdx.x == 0) out_idx[step + 1] = -1;
+      return;
+    }
     const T* src = x + c * d;
     for (index_t t = threadIdx.x; t < d; t += blockDim.x) centre[t] = src[t];
     __syncthreads();
+    if (anchors != nullptr && blockIdx.x == 0 && threadIdx.x < 32) {
+      // Does this centre equal the first anchor (so every point that equals all anchors)?
+      const T* a0 = x + anchors[0] * d;
+      bool differs = false;
+      for (index_t t = lane; t < d; t += 32) differs |= cuda::to_float(centre[t]) != cuda::to_float(a0[t]);
+      if (!__any_sync(0xffffffffu, differs) && lane == 0) *ws.zero_covered = 1;
+    }
   }
   float best_v = -INFINITY;  // per lane: best priority among the lane's points
   int64_t best_i = -1;
@@ -267,8 +288,24 @@ kcenter_step_kernel(const T* __restrict__ x, index_t n, index_t d, const float* 
     if (pi >= 0 && (idx < 0 || cuda::argmax_better(pv, pi, v, idx))) { v = pv; idx = pi; }
   }
   cuda::block_argmax(v, idx);
+  if (!SEED && !(v > 0.f)) {
+    // Every priority is 0: the lowest-index eligible point that coincides with
+    // no centre (see the top of the file), or -1: stop.
+    float zv = -INFINITY;
+    int64_t zi = -1;
+    if (anchors != nullptr && __ldcg(ws.zero_covered) == 0) {
+      for (index_t i = threadIdx.x; i < n && zi < 0; i += blockDim.x)
+        if ((weight ? weight[i] : 1.f) > 0.f && __ldcg(ws.mind + i) == 0.f && __ldcg(ws.assign + i) < 0) {
+          zv = 0.f;
+          zi = i;
+        }
+    }
+    cuda::block_argmax(zv, zi);
+    idx = zi;
+  }
   if (threadIdx.x == 0) {
-    // idx < 0 only if no point has weight > 0, which the Python layer rules out.
+    // The seed step finds no point only if none has weight > 0, which the
+    // Python layer rules out.
     out_idx[SEED ? 0 : step + 1] = idx;
     *ws.ticket = 0u;
   }
@@ -317,7 +354,7 @@ void run(const T* x, index_t n, index_t d, index_t m, index_t start, const index
 
 }  // namespace
 
-index_t kcenter_cuda_workspace_floats(index_t n) { return 3 * n + 1 + 3 * kMaxBlocks + 2; }
+index_t kcenter_cuda_workspace_floats(index_t n) { return 3 * n + 1 + 3 * kMaxBlocks + 3; }
 
 void kcenter_greedy_cuda(const void* x, index_t n, index_t d, index_t m, index_t start,
                          const index_t* anchors, index_t n_anchors, const float* sample_weight,

@@ -1,19 +1,16 @@
-// pairwise_sqdist on the CPU through the shared distance-tile engine
-// (cpu_simd.h): per batch, bank ("b") tiles packed once, query ("a") tiles
+// pairwise_sqdist on the CPU through the shared Gram engine (gram.h): per
+// batch, bank ("b") tiles packed once, query ("a") tiles
 // packed centred, register-blocked dot products, then
 // out = max(||a||^2 + ||b||^2 - 2 a.b, 0) with an exact recheck where that
 // value is small next to the norms (the expansion cancels there; duplicates
 // come out exactly 0).
 //
-// This file is compiled once per instruction set (see cpu_simd.h); the
-// portable copy also holds the ISA selection and sp::pairwise_sqdist_cpu.
-#include "pairwise.h"
-
-#include <cctype>
-#include <cstdlib>
-#include <string>
-
-#include "cpu_simd.h"
+// Compiled once per instruction set (simd.h); entry point: cpu/dispatch.cpp.
+#include "exact_dist.h"
+#include "gram.h"
+#include "kernels.h"
+#include "simd.h"
+#include "tiles.h"
 
 namespace sp {
 namespace SP_ISA_NS {
@@ -86,26 +83,20 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
 
   if (B >= 2 * index_t(threads) || threads == 1 || B * n_btiles * n_qtiles == 1) {
     // Many small problems: one batch per thread at a time.
-    const index_t per_thread = Carve::size(d) + Carve::size(kTM * d) + Carve::size(kTM) +
-                               Carve::size(kTQ * d) + Carve::size(kTQ) + Carve::size(kTQ * kTM);
+    const index_t per_thread = Carve::size(d) + TileScratch::floats(kTQ, kTM, d, true);
     Buffer<float> scratch;
     Buffer<double> mean_acc;
     float* scratch0 = scratch.get(size_t(per_thread) * threads);
     double* acc0 = mean_acc.get(size_t(d) * threads);
 #pragma omp parallel num_threads(threads) if (B > 1)
     {
-      Carve carve{scratch0 + index_t(thread_id()) * per_thread};
-      float* mean = carve.take(d);
-      float* bpack = carve.take(kTM * d);
-      float* bn = carve.take(kTM);
-      float* qpack = carve.take(kTQ * d);
-      float* qn = carve.take(kTQ);
-      float* cbuf = carve.take(kTQ * kTM);
+      float* mean = scratch0 + index_t(thread_id()) * per_thread;
+      const TileScratch ts(mean + Carve::size(d), kTQ, kTM, d, true);
       double* acc = acc0 + index_t(thread_id()) * d;
 #pragma omp for schedule(dynamic, 1)
       for (index_t bb = 0; bb < B; ++bb)
         one_batch_serial(Batch{a + bb * n * d, b + bb * m * d, out + bb * n * m, n, m, d}, mean,
-                         acc, bpack, bn, qpack, qn, cbuf);
+                         acc, ts.bpack, ts.bn, ts.qpack, ts.qn, ts.cbuf);
     }
     return;
   }
@@ -121,8 +112,7 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
     shared_pack.get(size_t(n_btiles) * kTM * d);
     shared_bn.get(size_t(n_btiles) * kTM);
   }
-  const index_t per_thread = Carve::size(kTQ * d) + Carve::size(kTQ) + Carve::size(kTQ * kTM) +
-                             (bank_major ? Carve::size(kTM * d) + Carve::size(kTM) : 0);
+  const index_t per_thread = TileScratch::floats(kTQ, kTM, d, bank_major);
   Buffer<float> scratch;
   float* scratch0 = scratch.get(size_t(per_thread) * threads);
   for (index_t bb = 0; bb < B; ++bb) {
@@ -132,13 +122,10 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
     sample_mean(bb_rows, m, d, threads, mean, mean_partial);
 #pragma omp parallel num_threads(threads)
     {
-      Carve carve{scratch0 + index_t(thread_id()) * per_thread};
-      float* qpack = carve.take(kTQ * d);
-      float* qn = carve.take(kTQ);
-      float* cbuf = carve.take(kTQ * kTM);
+      const TileScratch ts(scratch0 + index_t(thread_id()) * per_thread, kTQ, kTM, d, bank_major);
+      float *qpack = ts.qpack, *qn = ts.qn, *cbuf = ts.cbuf;
       if (bank_major) {
-        float* bpack = carve.take(kTM * d);
-        float* bn = carve.take(kTM);
+        float *bpack = ts.bpack, *bn = ts.bn;
 #pragma omp for schedule(dynamic, 1)
         for (index_t bt = 0; bt < n_btiles; ++bt) {
           const index_t j0 = bt * kTM, cols = imin(kTM, m - j0), cols_pad = round_up(cols, kNR);
@@ -176,97 +163,4 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
 }
 
 }  // namespace SP_ISA_NS
-
-// ---------------------------------------------------------------- dispatch
-#ifdef SP_CPU_DISPATCH
-#if SP_CPU_HAVE_AVX2
-namespace cpu_avx2 {
-void pairwise_sqdist(const float*, const float*, float*, index_t, index_t, index_t, index_t);
-}
-#endif
-#if SP_CPU_HAVE_AVX512
-namespace cpu_avx512 {
-void pairwise_sqdist(const float*, const float*, float*, index_t, index_t, index_t, index_t);
-}
-#endif
-
-namespace cpu {
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-bool isa_supported(Isa isa) {
-  switch (isa) {
-    case Isa::Scalar:
-      return true;
-#if SP_CPU_HAVE_AVX2
-    case Isa::Avx2:
-      // libgcc's CPUID check also requires the OS to save the YMM state.
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-#if SP_CPU_HAVE_AVX512
-    case Isa::Avx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
-             __builtin_cpu_supports("fma");
-#endif
-    default:
-      return false;
-  }
-}
-
-bool isa_requested_by_env(Isa* requested) {
-  const char* env = std::getenv("SOFTPATCH_CPU_ISA");
-  std::string want;
-  for (const char* c = env ? env : ""; *c; ++c)
-    if (!std::isspace(static_cast<unsigned char>(*c)))
-      want += char(std::tolower(static_cast<unsigned char>(*c)));
-  if (want.empty() || want == "auto") return false;
-  for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Scalar}) {
-    if (want == isa_name(isa)) {
-      *requested = isa;
-      return true;
-    }
-  }
-  throw std::invalid_argument("SOFTPATCH_CPU_ISA=" + std::string(env) +
-                              ": expected one of avx512, avx2, scalar, auto");
-}
-
-Isa active_isa() {
-  Isa want;
-  if (!isa_requested_by_env(&want)) {
-    for (Isa isa : {Isa::Avx512, Isa::Avx2})
-      if (isa_supported(isa)) return isa;
-    return Isa::Scalar;
-  }
-  if (!isa_supported(want))
-    throw std::invalid_argument(std::string("SOFTPATCH_CPU_ISA=") + isa_name(want) +
-                                ": not supported by this CPU or not compiled into this build");
-  return want;
-}
-
-}  // namespace cpu
-
-void pairwise_sqdist_cpu(const float* a, const float* b, float* out, index_t B, index_t n,
-                         index_t m, index_t d) {
-  SP_CHECK_ARG(B >= 1 && n >= 1 && m >= 1 && d >= 1, "pairwise_sqdist: empty input");
-  switch (cpu::active_isa()) {
-#if SP_CPU_HAVE_AVX512
-    case cpu::Isa::Avx512:
-      return cpu_avx512::pairwise_sqdist(a, b, out, B, n, m, d);
-#endif
-#if SP_CPU_HAVE_AVX2
-    case cpu::Isa::Avx2:
-      return cpu_avx2::pairwise_sqdist(a, b, out, B, n, m, d);
-#endif
-    default:
-      return cpu_scalar::pairwise_sqdist(a, b, out, B, n, m, d);
-  }
-}
-#endif  // SP_CPU_DISPATCH
-
 }  // namespace sp

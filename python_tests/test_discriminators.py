@@ -236,3 +236,30 @@ def test_maps_and_input_size():
     np.testing.assert_allclose(full[:, 0], full[:, 1], atol=0.05 * float(maps.max()))
     assert map_to_input_size(maps[0].numpy(), (32, 32), None, None).shape == (32, 32)
     assert map_to_input_size(maps[0].numpy(), (50, 40), None, 32).shape == (50, 40)
+
+
+def test_sharded_coreset_is_the_union_of_per_shard_greedy_selections():
+    from softpatch_cuda import ops
+    from softpatch_cuda.memory_bank import coreset_size, select_coreset, shard_ranges
+
+    assert shard_ranges(100, 10, None) == [(0, 100)]
+    assert shard_ranges(100, 10, 100) == [(0, 100)]
+    assert shard_ranges(100, 10, 35) == [(0, 30), (30, 50), (50, 80), (80, 100)]  # whole images, even
+    assert shard_ranges(100, 10, 5) == [(a, a + 10) for a in range(0, 100, 10)]  # at least one image
+    rng = np.random.default_rng(0)
+    proj = torch.from_numpy(rng.normal(size=(120, 8)).astype(np.float32))
+    kept = torch.ones(120, dtype=torch.bool)
+    kept[::7] = False
+    got = select_coreset(proj, kept, 0.2, seed=3, shard_patches=50, patches_per_image=10)
+    want = []
+    for shard, (a, b) in enumerate(shard_ranges(120, 10, 50)):
+        w = kept[a:b].float()
+        m = coreset_size(int(kept[a:b].sum()), 0.2)
+        want += (np.asarray(ops.kcenter_greedy_approx(proj[a:b], m, n_anchors=10, seed=3 + shard,
+                                                      sample_weight=w)) + a).tolist()
+    assert got.tolist() == want and all(bool(kept[i]) for i in got)
+    # one shard: exactly the single greedy pass
+    single = select_coreset(proj, kept, 0.2, seed=3)
+    ref = ops.kcenter_greedy_approx(proj, coreset_size(int(kept.sum()), 0.2), n_anchors=10, seed=3,
+                                    sample_weight=kept.float())
+    assert single.tolist() == np.asarray(ref).tolist()

@@ -31,7 +31,7 @@ def _adaptive_avg(vec: np.ndarray, out: int) -> np.ndarray:
 
 
 def _naive_embed(features: list[np.ndarray], dim: int) -> np.ndarray:
-    """Loop-by-loop reading of ALGORITHM.md section 2 for one image."""
+    """Loop-by-loop reading of docs/ALGORITHM.md section 2 for one image."""
     h, w = features[0].shape[1:]
     per_layer = []
     for f in features:

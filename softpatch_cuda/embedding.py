@@ -1,4 +1,4 @@
-"""Locally aware patch embeddings (PatchCore / SoftPatch, ALGORITHM.md section 2).
+"""Locally aware patch embeddings (PatchCore / SoftPatch, docs/ALGORITHM.md section 2).
 
 Per layer: each position's 3x3 neighbourhood (zero padding 1, stride 1) is
 flattened (C*9); deeper layers' neighbourhood grids are bilinearly resampled to

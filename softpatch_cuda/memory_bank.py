@@ -1,6 +1,6 @@
 """Memory bank: denoised greedy coreset of training patches, soft weights, k-NN scoring.
 
-ALGORITHM.md section 4. Coreset selection runs ``ops.kcenter_greedy_approx`` -- the
+docs/ALGORITHM.md section 4. Coreset selection runs ``ops.kcenter_greedy_approx`` -- the
 PatchCore / SoftPatch reference's approximate start (every point's initial distance
 is its mean distance to 10 random points) -- on the 128-d projections; patches the
 noise discriminator removed get sample weight 0 and are never selected. The number
@@ -108,6 +108,8 @@ def build_banks(
     seed: int = 0,
     distance: str = "l2",
     progress: bool = False,
+    shard_patches: int | None = None,
+    patches_per_image: int = 1,
 ) -> dict[str, MemoryBank]:
     """One bank per entry of ``kept`` (same arguments as :func:`build_bank`)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -115,12 +117,52 @@ def build_banks(
     banks = {}
     for name in tqdm(list(kept), desc="coreset", unit="bank", disable=not progress):
         banks[name], _ = build_bank(embeddings, projected, image_index, kept[name], weights.get(name),
-                                    coreset_ratio, seed=seed, distance=distance)
+                                    coreset_ratio, seed=seed, distance=distance, shard_patches=shard_patches,
+                                    patches_per_image=patches_per_image)
     return banks
 
 
 def coreset_size(n_kept: int, ratio: float) -> int:
     return max(1, min(n_kept, int(math.ceil(ratio * n_kept))))
+
+
+def shard_ranges(total: int, patches_per_image: int, shard_patches: int | None) -> list[tuple[int, int]]:
+    """Row ranges of whole images, each at most ``shard_patches`` rows (at least one
+    image), as even as possible; one range when ``shard_patches`` is None or not exceeded."""
+    if shard_patches is None or total <= shard_patches:
+        return [(0, total)]
+    n_images = total // patches_per_image
+    per_shard = max(1, shard_patches // patches_per_image)
+    n_shards = -(-n_images // per_shard)
+    bounds = [round(i * n_images / n_shards) * patches_per_image for i in range(n_shards + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def select_coreset(projected: torch.Tensor, kept: torch.Tensor, coreset_ratio: float, seed: int = 0,
+                   shard_patches: int | None = None, patches_per_image: int = 1) -> torch.Tensor:
+    """Indices of the coreset: greedy k-center (PatchCore's approximate start) over the
+    kept rows, ``ceil(coreset_ratio * kept)`` centres.
+
+    With ``shard_patches``, the rows (image-major) are split into shards of whole images
+    and each shard gets its own greedy k-center of its share; the bank is their union.
+    The cost of a greedy pass grows with centres x points, i.e. with the square of the
+    training set; per shard it grows linearly with the number of shards. The union covers
+    every kept patch within its shard's greedy radius (each shard's coreset is a
+    2-approximation of that shard's optimal k-center).
+    """
+    total = projected.shape[0]
+    chunks = []
+    for shard, (a, b) in enumerate(shard_ranges(total, patches_per_image, shard_patches)):
+        keep = kept[a:b]
+        n_kept = int(keep.sum())
+        if n_kept == 0:
+            continue
+        m = coreset_size(n_kept, coreset_ratio)
+        sample_weight = keep.to(torch.float32) if n_kept < (b - a) else None
+        idx = ops.kcenter_greedy_approx(projected[a:b], m, n_anchors=10, seed=seed + shard,
+                                        sample_weight=sample_weight, check_finite=False)
+        chunks.append(torch.as_tensor(idx, device=projected.device) + a)
+    return torch.cat(chunks)
 
 
 def build_bank(
@@ -132,6 +174,8 @@ def build_bank(
     coreset_ratio: float,
     seed: int = 0,
     distance: str = "l2",
+    shard_patches: int | None = None,
+    patches_per_image: int = 1,
 ) -> tuple[MemoryBank, torch.Tensor]:
     """Select the coreset and assemble the bank.
 
@@ -142,9 +186,10 @@ def build_bank(
         kept: [M] bool, False for patches the denoising removed (None: all kept).
         weights: [M] soft weights or None.
         coreset_ratio: fraction of the kept patches to select (>= 1: all kept patches).
+        shard_patches, patches_per_image: see :func:`select_coreset`.
 
     Returns:
-        (bank, selected patch indices [m] in selection order).
+        (bank, selected patch indices [m]).
     """
     total = embeddings.shape[0]
     if kept is None:
@@ -155,11 +200,7 @@ def build_bank(
     if coreset_ratio >= 1.0:
         selected = torch.nonzero(kept).flatten()
     else:
-        m = coreset_size(n_kept, coreset_ratio)
-        sample_weight = kept.to(torch.float32) if n_kept < total else None
-        selected = ops.kcenter_greedy_approx(projected, m, n_anchors=10, seed=seed, sample_weight=sample_weight,
-                                             check_finite=False)
-        selected = torch.as_tensor(selected, device=embeddings.device)
+        selected = select_coreset(projected, kept, coreset_ratio, seed, shard_patches, patches_per_image)
     logger.debug("memory bank: %d of %d patches (%d kept after denoising)", selected.numel(), total, n_kept)
     bank = MemoryBank(
         embeddings[selected].contiguous(),

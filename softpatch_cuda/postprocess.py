@@ -1,4 +1,4 @@
-"""Patch scores -> anomaly maps (ALGORITHM.md section 5), and maps back onto the input image.
+"""Patch scores -> anomaly maps (docs/ALGORITHM.md section 5), and maps back onto the input image.
 
 Map in the model frame: the h x w patch-score grid is bilinearly upsampled to the
 model's input size S and smoothed with a Gaussian (sigma = 4 pixels, truncated at

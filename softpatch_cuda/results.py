@@ -62,7 +62,7 @@ class Prediction:
 
 @dataclass
 class TrainingReport:
-    """Per training image: how contaminated it looks (ALGORITHM.md section 3, per image).
+    """Per training image: how contaminated it looks (docs/ALGORITHM.md section 3, per image).
 
     Attributes:
         names, sources: the training images, in training order.

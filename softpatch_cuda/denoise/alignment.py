@@ -1,4 +1,4 @@
-"""Alignment: which training patches a patch is compared with (ALGORITHM.md 6b).
+"""Alignment: which training patches a patch is compared with (docs/ALGORITHM.md section 6b).
 
 * ``"position"`` (the paper): the patches at the same position in the other images.
 * ``"window"``: the other images' patches within +-``window`` positions (a (2r+1)^2

@@ -1,4 +1,4 @@
-"""Noise discriminators (ALGORITHM.md sections 3 and 6): per-patch outlier scores.
+"""Noise discriminators (docs/ALGORITHM.md sections 3 and 6): per-patch outlier scores.
 
 Input: the projected training patches ``z`` [N, h, w, d] (N images, h x w positions).
 Output: scores [N, h, w], about 1 for inliers and larger for outliers.

@@ -23,10 +23,9 @@ def covariance(centred: torch.Tensor, shrinkage: float | str) -> torch.Tensor:
 
     ``shrinkage="ledoit_wolf"`` (default): the Ledoit-Wolf optimal intensity per group.
     With a few dozen images in d = 128 the sample covariance is near-singular and a
-    fixed 10 % shrinkage left the Mahalanobis distances dominated by the smallest,
-    noisiest eigen-directions (measured: SoftPatch+ lost 3-6 image AUROC points to
-    PatchCore on the demo data); Ledoit-Wolf picks ~0.5-0.9 there. A float in [0, 1]
-    is a fixed intensity (0.1 = the previous behaviour).
+    fixed 10 % shrinkage leaves the Mahalanobis distances dominated by the smallest,
+    noisiest eigen-directions; Ledoit-Wolf picks the intensity from the data. A float
+    in [0, 1] is a fixed intensity (0.1: the papers' reading).
     """
     g, n, d = centred.shape
     x = centred.double()

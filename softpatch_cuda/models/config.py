@@ -45,6 +45,9 @@ class PatchCoreConfig:
     pretrained: ImageNet weights (False: random, seeded). embed_dim: patch embedding
     size (None: per-backbone default). proj_dim: random projection for denoising and
     the coreset. coreset_ratio: share of the (kept) patches in the memory bank.
+    coreset_shard_patches: the greedy coreset runs per shard of whole images of at most
+    this many patches and the bank is the shards' union, so fit time grows linearly
+    with the training set beyond one shard (None: one pass over all patches).
     resize, crop: input transform. batch_size: images per forward pass. seed: every
     random choice. distance: "l2" or "squared_l2" (the authors' code). image_score:
     "max" (the largest patch score) or "reweighted" (PatchCore paper, eq. 7).
@@ -57,6 +60,7 @@ class PatchCoreConfig:
     embed_dim: int | None = None
     proj_dim: int = 128
     coreset_ratio: float = 0.1
+    coreset_shard_patches: int | None = 100_000
     resize: int | None = 256
     crop: int | None = 224
     batch_size: int = 16
@@ -84,6 +88,7 @@ class PatchCoreConfig:
         check_int("embed_dim", self.embed_dim, 1, allow_none=True)
         check_int("proj_dim", self.proj_dim, 1)
         check_number("coreset_ratio", self.coreset_ratio, 0.0, 1.0, lo_open=True)
+        check_int("coreset_shard_patches", self.coreset_shard_patches, 1, allow_none=True)
         check_int("resize", self.resize, 1, allow_none=True)
         check_int("crop", self.crop, 1, allow_none=True)
         ImageTransform(resize=self.resize, crop=self.crop)  # crop <= resize

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
 H.import_softpatch_cuda()
-from softpatch_cuda import PatchCore, SoftPatch, SoftPatchPlus  # noqa: E402
+from softpatch_cuda.models import MODEL_KINDS  # noqa: E402
 
-MODELS = {"patchcore": PatchCore, "softpatch": SoftPatch, "softpatch_plus": SoftPatchPlus}
+MODELS = {kind.model_type: kind.cls for kind in MODEL_KINDS}  # the model-file type names
 
 
 def render(rng: np.random.Generator, size: int, defect: bool) -> np.ndarray:

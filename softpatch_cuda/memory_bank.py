@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import ops
+from .search import SEARCHES, PrincipalSubspaceIndex
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class MemoryBank:
     weights: torch.Tensor | None
     source_image: torch.Tensor
     distance: str = "l2"
+    search: str = "exact"  # see softpatch_cuda.search
+    _index: PrincipalSubspaceIndex | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -48,7 +51,23 @@ class MemoryBank:
             None if self.weights is None else self.weights.to(device),
             self.source_image.to(device),
             self.distance,
+            self.search,
         )
+
+    def _nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance [q], index [q]) of each query's nearest bank row (exact or "pca")."""
+        if self.search == "pca" and len(self) > 4 * self._candidates():
+            if self._index is None:
+                self._index = PrincipalSubspaceIndex(self.features)
+            return self._index.search(queries)
+        res = ops.knn(queries, self.features, 1, check_finite=False)
+        return res.distances[:, 0], res.indices[:, 0]
+
+    @staticmethod
+    def _candidates() -> int:
+        from .search import DEFAULT_CANDIDATES  # noqa: PLC0415
+
+        return DEFAULT_CANDIDATES
 
     def without_images(self, images: torch.Tensor) -> "MemoryBank":
         """The bank without the rows that came from these training images."""
@@ -56,7 +75,7 @@ class MemoryBank:
         if not bool(keep.any()):
             raise ValueError("cannot score against an empty memory bank (every row excluded)")
         return MemoryBank(self.features[keep], None if self.weights is None else self.weights[keep],
-                          self.source_image[keep], self.distance)
+                          self.source_image[keep], self.distance, self.search)
 
     def score(self, queries: torch.Tensor, exclude_images: torch.Tensor | None = None,
               return_index: bool = False):
@@ -68,14 +87,10 @@ class MemoryBank:
         """
         if exclude_images is not None:
             return self.without_images(exclude_images).score(queries, return_index=return_index)
-        res = ops.knn(queries, self.features, 1, weights=self.weights, check_finite=False)
-        index = res.indices[:, 0]
-        dist = res.distances[:, 0]
+        dist, index = self._nearest(queries)
         if self.distance == "squared_l2":
             dist = dist * dist
-            scores = dist if self.weights is None else dist * self.weights[index]
-        else:
-            scores = dist if self.weights is None else res.scores
+        scores = dist if self.weights is None else dist * self.weights[index]
         return (scores, index) if return_index else scores
 
     def image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor,
@@ -110,6 +125,7 @@ def build_banks(
     progress: bool = False,
     shard_patches: int | None = None,
     patches_per_image: int = 1,
+    search: str = "exact",
 ) -> dict[str, MemoryBank]:
     """One bank per entry of ``kept`` (same arguments as :func:`build_bank`)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -118,7 +134,7 @@ def build_banks(
     for name in tqdm(list(kept), desc="coreset", unit="bank", disable=not progress):
         banks[name], _ = build_bank(embeddings, projected, image_index, kept[name], weights.get(name),
                                     coreset_ratio, seed=seed, distance=distance, shard_patches=shard_patches,
-                                    patches_per_image=patches_per_image)
+                                    patches_per_image=patches_per_image, search=search)
     return banks
 
 
@@ -176,6 +192,7 @@ def build_bank(
     distance: str = "l2",
     shard_patches: int | None = None,
     patches_per_image: int = 1,
+    search: str = "exact",
 ) -> tuple[MemoryBank, torch.Tensor]:
     """Select the coreset and assemble the bank.
 
@@ -207,5 +224,6 @@ def build_bank(
         None if weights is None else weights[selected].contiguous().to(torch.float32),
         image_index[selected].contiguous(),
         distance,
+        search,
     )
     return bank, selected

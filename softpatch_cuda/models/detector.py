@@ -225,7 +225,7 @@ class Detector:
         image_index = torch.as_tensor(distinct, device=device).repeat_interleave(h * w)
         banks = build_banks(flat, proj, image_index, kept, weights, cfg.coreset_ratio, seed=cfg.seed,
                             distance=cfg.distance, progress=self.progress, shard_patches=cfg.coreset_shard_patches,
-                            patches_per_image=h * w)
+                            patches_per_image=h * w, search=cfg.search)
         self._cls_bank, self._seg_bank = banks["cls"], banks.get("seg")
         timings["coreset_s"] = time.perf_counter() - t0
 

@@ -129,7 +129,8 @@ def restore_model(model: "Detector", tensors: dict[str, torch.Tensor], header: d
             continue
         w = tensors.get(f"{name}_bank.weights")
         banks[name] = MemoryBank(tensors[f"{name}_bank.features"].to(dev), None if w is None else w.to(dev),
-                                 tensors[f"{name}_bank.source_image"].to(dev), model.settings.distance)
+                                 tensors[f"{name}_bank.source_image"].to(dev), model.settings.distance,
+                                 model.settings.search)
     model._cls_bank = banks["cls"]
     model._seg_bank = banks.get("seg")
     rep = header["report"]

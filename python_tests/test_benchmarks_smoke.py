@@ -82,3 +82,19 @@ def test_bad_ops_argument_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--ops", "knn,bogus"], capture_output=True, text=True,
                           timeout=60, env=package_env(), cwd=tmp_path)
     assert proc.returncode != 0 and "bogus" in proc.stderr
+
+
+def test_bench_load_smoke(tmp_path):
+    """bench_load.py, tiny: one idle and one loaded round, complete JSON and table."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_load.py"), "--loads", "0,1", "--models", "patchcore",
+         "--n-train", "6", "--n-test", "3", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=package_env(), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (json_path,) = tmp_path.glob("load_*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["model"], r["load"]) for r in rows] == [("patchcore", 0), ("patchcore", 1)]
+    assert all(r["fit_s"] > 0 and r["predict_img_s"] > 0 and "error" not in r["runs"][0] for r in rows)
+    md = next(tmp_path.glob("load_*.md")).read_text()
+    assert "| patchcore | 1 |" in md and "slowdown vs idle" in md

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .backbone import FALLBACK_EMBED_DIM, FeatureExtractor, backbone_defaults
 from .data.images import ImageTransform, count_images, iter_batches
+from ._validation import is_int
 
 
 
@@ -56,9 +57,9 @@ class PatchEmbedder:
         if embed_dim is None:
             defaults = backbone_defaults(extractor.backbone_name)
             embed_dim = defaults.embed_dim if defaults else FALLBACK_EMBED_DIM
-        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+        if not is_int(embed_dim) or embed_dim < 1:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
-        if not isinstance(patch_size, int) or patch_size < 1 or patch_size % 2 == 0:
+        if not is_int(patch_size) or patch_size < 1 or patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd int, got {patch_size!r}")
         self.extractor = extractor
         self.embed_dim = embed_dim

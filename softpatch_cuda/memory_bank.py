@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .search import SEARCHES, PrincipalSubspaceIndex
+from .search import PrincipalSubspaceIndex
 
 logger = logging.getLogger(__name__)
 

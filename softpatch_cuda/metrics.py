@@ -9,11 +9,11 @@ Label convention: 1 / True = anomalous (positive class); higher score = more ano
 from __future__ import annotations
 
 import logging
-from numbers import Integral, Real
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
+from ._validation import is_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def pro_curve(
         thresholds = thresholds.astype(np.float64)
         exact_bins = inverse.reshape(a.shape) + 1
     else:
-        if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, Integral) or num_thresholds < 2:
+        if not is_int(num_thresholds) or num_thresholds < 2:
             raise ValueError(f"num_thresholds must be an int >= 2 or None, got {num_thresholds!r}")
         thresholds = np.linspace(float(a.min()), float(a.max()), int(num_thresholds))
     n_bins = thresholds.size + 1
@@ -187,7 +187,7 @@ def aupro(masks: object, maps: object, fpr_limit: float = 0.3, num_thresholds: i
     """Area under the per-region-overlap curve for FPR in [0, fpr_limit], divided by
     fpr_limit (1.0 = perfect). See :func:`pro_curve` for the curve; the curve is
     linearly interpolated at exactly `fpr_limit` and integrated with the trapezoid rule."""
-    if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, Real) or not 0.0 < float(fpr_limit) <= 1.0:
+    if not is_number(fpr_limit) or not 0.0 < float(fpr_limit) <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
     fpr, pro, _ = pro_curve(masks, maps, num_thresholds)
     # Clipped: float rounding of the trapezoid sum can overshoot 1 by an ulp.

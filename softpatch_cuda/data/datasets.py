@@ -57,6 +57,7 @@ import numpy as np
 from PIL import Image
 
 from .images import IMAGE_EXTENSIONS, load_mask
+from .._validation import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +425,7 @@ def load_folder(root: str | os.PathLike, category: str | None = None, seed: int 
     is what :func:`list_categories` returns for it). `seed` only matters for the flat
     layout (which good images are held out for testing)."""
     root_path = _check_root(root, "folder dataset")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if category is None:
         base, name = root_path, root_path.resolve().name
@@ -523,7 +524,7 @@ def read_mask(sample: Sample, size_hw: tuple[int, int]) -> np.ndarray:
     if (
         not isinstance(size_hw, (tuple, list))
         or len(size_hw) != 2
-        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size_hw)
+        or not all(is_int(v) and v > 0 for v in size_hw)
     ):
         raise ValueError(f"size_hw must be (height, width) with positive ints, got {size_hw!r}")
     height, width = int(size_hw[0]), int(size_hw[1])

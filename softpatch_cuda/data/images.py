@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from .._validation import is_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,7 +116,7 @@ class ImageTransform:
     def __post_init__(self):
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if self.resize is not None and self.crop is not None and self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
@@ -348,7 +349,7 @@ def _loader_items(loader: Iterable) -> Iterator[tuple[Any, str, str | None]]:
 
 def iter_batches(images: Any, transform: ImageTransform, batch_size: int = 16) -> Iterator[ImageBatch]:
     """Transformed batches of any accepted input; files are read one batch at a time."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     pending: list[tuple[Any, str, str | None]] = []
 

@@ -17,12 +17,12 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from numbers import Real
 from pathlib import Path
 
 import numpy as np
 
 from .datasets import DatasetSplit, Sample
+from .._validation import is_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class NoiseRecord:
 
 
 def _check_ratio(ratio: object) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, Real):
+    if not is_number(ratio):
         raise TypeError(f"noise ratio must be a number, got {ratio!r}")
     ratio = float(ratio)
     if not math.isfinite(ratio) or ratio < 0.0 or ratio >= 1.0:
@@ -98,7 +98,7 @@ def _check_ratio(ratio: object) -> float:
 
 
 def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return int(seed)
 

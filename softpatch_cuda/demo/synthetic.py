@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from .._validation import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -976,7 +977,7 @@ def _image_rng(seed: int, category: str, split: str, index: int, defect_index: i
 
 
 def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be positive, got {value}")
@@ -1095,12 +1096,12 @@ def make_demo_dataset(root: str | os.PathLike, categories: Iterable[str] | str |
     n_train = _check_count("n_train", n_train)
     n_test_good = _check_count("n_test_good", n_test_good)
     n_test_defect = _check_count("n_test_defect", n_test_defect)
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
+    if not is_int(image_size):
         raise TypeError(f"image_size must be an int, got {type(image_size).__name__}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     image_size = int(image_size)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")

@@ -52,7 +52,7 @@ from softpatch_cuda import __version__, metrics  # noqa: E402
 from softpatch_cuda.data.datasets import DatasetSplit, load_mvtec  # noqa: E402
 from softpatch_cuda.data.noise import apply_noise, noise_count  # noqa: E402
 from softpatch_cuda.embedding import EmbeddedImages  # noqa: E402,F401
-from softpatch_cuda.evaluation import masks_in_model_frame  # noqa: E402
+from softpatch_cuda.evaluation import contamination_detection, masks_in_model_frame  # noqa: E402
 from softpatch_cuda.models import CLI_NAMES, kind_by_cli_name  # noqa: E402
 from softpatch_cuda.report import format_pct, write_json  # noqa: E402
 
@@ -185,21 +185,6 @@ def build_model(spec: dict, args: argparse.Namespace, size: int | None) -> objec
 def embedding_key(model) -> tuple:
     cfg = model.settings
     return (cfg.backbone, cfg.layers, cfg.weights, cfg.pretrained, cfg.embed_dim, cfg.resize, cfg.crop, cfg.seed)
-
-
-def contamination_detection(report, planted_mask: np.ndarray) -> dict:
-    """How well the training report finds the planted images."""
-    scores = np.asarray(report.scores, dtype=np.float64)
-    flagged = np.asarray(report.flagged, dtype=bool)
-    out = {"flagged": int(flagged.sum()), "flagged_planted": int((flagged & planted_mask).sum()),
-           "auroc": None, "precision": None, "recall": None}
-    if planted_mask.any():
-        out["recall"] = float((flagged & planted_mask).sum() / planted_mask.sum())
-        if flagged.any():
-            out["precision"] = float((flagged & planted_mask).sum() / flagged.sum())
-        if not planted_mask.all() and np.isfinite(scores).all():
-            out["auroc"] = float(metrics.image_auroc(planted_mask.astype(int), scores))
-    return out
 
 
 def test_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None,

@@ -154,6 +154,26 @@ def test_evaluate_split_with_fake_model(fake_split):
     assert evaluation.evaluate_split(FakeModel(16), fake_split).keys() == row.keys()
 
 
+def test_evaluate_split_reports_contamination_detection(fake_split):
+    from softpatch_cuda import TrainingReport
+
+    planted = FakeSample(fake_split.test[3].path, 1, "spot", fake_split.test[3].mask_path)
+    noisy = FakeSplit("fake", "cat", fake_split.train + [planted], fake_split.test)
+
+    class ReportingModel(FakeModel):
+        def training_report(self):
+            scores = np.array([1.0, 1.1, 0.9, 1.0, 3.0], np.float32)  # the planted image scores highest
+            flagged = np.array([False, True, False, False, True])
+            return TrainingReport([f"i{k}" for k in range(5)], [None] * 5, scores, flagged, 1.05)
+
+    row = evaluation.evaluate_split(ReportingModel(size=16), noisy)
+    assert row["report_auroc"] == 1.0 and row["flag_precision"] == 0.5 and row["flag_recall"] == 1.0
+    clean = evaluation.evaluate_split(ReportingModel(size=16), fake_split)
+    assert clean["report_auroc"] is None and clean["flag_recall"] is None
+    table = evaluation.results_table_markdown([row])
+    assert "report AUROC" in table and "100.0 | 50.0 | 100.0" in table
+
+
 def test_evaluate_split_without_masks_gives_no_pixel_metrics(fake_split):
     pytest.importorskip("softpatch_cuda.metrics")
     pytest.importorskip("softpatch_cuda.data.datasets")

@@ -27,10 +27,15 @@ RESULT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pixel_auroc", "pixel AUROC", "pct"),
     ("aupro", "AUPRO@30%", "pct"),
     ("image_f1_max", "image F1-max", "pct"),
+    ("report_auroc", "report AUROC", "pct"),
+    ("flag_precision", "flag precision", "pct"),
+    ("flag_recall", "flag recall", "pct"),
     ("fit_s", "fit s", "sec"),
     ("predict_s", "predict s", "sec"),
 )
 METRIC_KEYS = tuple(key for key, _, _ in RESULT_COLUMNS)
+# Shown only when some row has them (runs with planted training images).
+DETECTION_KEYS = ("report_auroc", "flag_precision", "flag_recall")
 
 
 def model_transform(model: Any) -> ImageTransform:
@@ -89,6 +94,27 @@ def _safe_metric(name: str, fn, *args) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def contamination_detection(report: Any, planted: np.ndarray) -> dict:
+    """How well a training report finds the planted (defective) training images:
+    {"flagged", "flagged_planted", "auroc" (of the contamination scores), "precision",
+    "recall" (of the flags)}; None where undefined (nothing planted, nothing flagged,
+    one class only, no scores)."""
+    from .metrics import image_auroc
+
+    planted = np.asarray(planted, dtype=bool)
+    scores = np.asarray(report.scores, dtype=np.float64)
+    flagged = np.asarray(report.flagged, dtype=bool)
+    out = {"flagged": int(flagged.sum()), "flagged_planted": int((flagged & planted).sum()),
+           "auroc": None, "precision": None, "recall": None}
+    if planted.any():
+        out["recall"] = float((flagged & planted).sum() / planted.sum())
+        if flagged.any():
+            out["precision"] = float((flagged & planted).sum() / flagged.sum())
+        if not planted.all() and np.isfinite(scores).all():
+            out["auroc"] = float(image_auroc(planted.astype(int), scores))
+    return out
+
+
 def set_progress(model: Any, progress: bool) -> None:
     """Show or hide a model's own progress bars after construction (e.g. a loaded model
     keeps the setting it was saved with)."""
@@ -117,7 +143,9 @@ def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
 
 def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> tuple[dict, Any, np.ndarray | None]:
     """:func:`evaluate_split` that also returns the test Prediction and the ground-truth
-    masks in the model frame (bool [N, S, S], None when the split has no masks)."""
+    masks in the model frame (bool [N, S, S], None when the split has no masks).
+    When defective images were planted in the training set (label 1 there), the row
+    also says how well the training report found them (:func:`contamination_detection`)."""
     train, test = list(split.train), list(split.test)
     if not train:
         raise ValueError(f"split {split.category!r}: empty training set")
@@ -165,6 +193,10 @@ def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> t
     else:
         logger.info("split %r has no ground-truth masks; pixel metrics skipped", split.category)
 
+    planted = np.array([int(s.label) == 1 for s in train])
+    detection = None
+    if planted.any() and hasattr(model, "training_report"):
+        detection = contamination_detection(model.training_report(), planted)
     row = {
         "dataset": getattr(split, "dataset", None),
         "category": split.category,
@@ -177,6 +209,9 @@ def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> t
         "image_f1_max": f1,
         "fit_s": fit_s,
         "predict_s": predict_s,
+        "report_auroc": None if detection is None else detection["auroc"],
+        "flag_precision": None if detection is None else detection["precision"],
+        "flag_recall": None if detection is None else detection["recall"],
     }
     return row, prediction, masks
 
@@ -215,6 +250,7 @@ def results_table_markdown(
     """
     if not rows:
         raise ValueError("results_table_markdown: no rows")
+    columns = [c for c in columns if c[0] not in DETECTION_KEYS or any(r.get(c[0]) is not None for r in rows)]
     header = f"| {label_key} | " + " | ".join(h for _, h, _ in columns) + " |"
     align = "|---|" + "|".join("---:" for _ in columns) + "|"
     lines = [header, align]

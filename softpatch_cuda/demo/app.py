@@ -172,7 +172,7 @@ def run_demo(
 def _demo_flagged(cat_result: dict, model: Any, record: Any, pic_dir: Path) -> None:
     """Flagged training images of one category: score, planted or not, thumbnail."""
     from ..data.images import load_image
-    from ..metrics import image_auroc
+    from ..evaluation import contamination_detection
     from ..report import save_png
 
     report = model.training_report()
@@ -181,12 +181,12 @@ def _demo_flagged(cat_result: dict, model: Any, record: Any, pic_dir: Path) -> N
     planted_paths = list(record.added)
     planted = np.array([any(_same_file(s, p) for p in planted_paths) for s in sources], dtype=bool)
     flagged = np.asarray(report.flagged, dtype=bool)
+    detection = contamination_detection(report, planted)
     summary = {
-        "n_train": int(len(scores)), "planted": int(len(planted_paths)), "flagged": int(flagged.sum()),
-        "flagged_planted": int((flagged & planted).sum()), "contamination_auroc": None,
+        "n_train": int(len(scores)), "planted": int(len(planted_paths)), "flagged": detection["flagged"],
+        "flagged_planted": detection["flagged_planted"], "contamination_auroc": detection["auroc"],
+        "flag_precision": detection["precision"], "flag_recall": detection["recall"],
     }
-    if planted.any() and not planted.all():
-        summary["contamination_auroc"] = float(image_auroc(planted.astype(int), scores))
     cat_result["flag_summary"] = summary
     items = []
     for rank, i in enumerate(np.argsort(-scores, kind="stable")):

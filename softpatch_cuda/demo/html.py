@@ -109,6 +109,9 @@ def demo_report_html(results: dict, out_dir: str | os.PathLike) -> str:
         )
         if fs.get("contamination_auroc") is not None:
             summary += f"; AUROC of the contamination score for finding them: {format_pct(fs['contamination_auroc'])}"
+        if fs.get("flag_precision") is not None or fs.get("flag_recall") is not None:
+            summary += (f"; flags: precision {format_pct(fs.get('flag_precision'))} %, "
+                        f"recall {format_pct(fs.get('flag_recall'))} %")
         parts.append(f"<h3>{esc(cat['category'])}</h3><p>{esc(summary)}</p>")
         if not cat.get("flagged"):
             parts.append("<p class='muted'>No training image was flagged.</p>")

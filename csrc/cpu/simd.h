@@ -361,6 +361,16 @@ inline int thread_id() {
 #endif
 }
 
+// Wall-clock seconds, for scheduling decisions (a build without OpenMP runs
+// one thread and times nothing).
+inline double wtime() {
+#ifdef _OPENMP
+  return omp_get_wtime();
+#else
+  return 0.;
+#endif
+}
+
 }  // namespace SP_ISA_NS
 }  // namespace sp
 

@@ -308,9 +308,16 @@ void lof_from_neighbours(index_t n, index_t k, Workspace& ws, float* out) {
 
 }  // namespace
 
+// Gram multiply-adds below which a call runs on one thread: a parallel region
+// ends in a barrier, which on a busy machine waits a time slice (milliseconds)
+// for a helper thread -- far more than such a call's work. Larger calls keep
+// the threads; groups are handed out dynamically, so a late helper takes less.
+constexpr index_t kParallelWork = index_t(1) << 22;
+
 bool lof(const float* x, index_t B, index_t n, index_t d, index_t k, float* out) {
   bool finite = true, allocated = true;
-#pragma omp parallel reduction(&& : finite, allocated)
+  const int threads = B > 1 && B * n * n * d / 2 >= kParallelWork ? max_threads() : 1;
+#pragma omp parallel num_threads(threads) reduction(&& : finite, allocated)
   {
     Workspace ws;
 #pragma omp for schedule(dynamic, 1)

@@ -278,31 +278,39 @@ py::dict cuda_probe() {
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "softpatch_cuda compiled kernels (private; use softpatch_cuda.ops)";
+  m.doc() = "softpatch_cuda compiled kernels (private; use softpatch_cuda.ops; typed in _core.pyi)";
   static py::exception<sp::CudaError> cuda_error(m, "CudaError", PyExc_RuntimeError);
   (void)cuda_error;
+  using py::arg;
 
   m.def("build_info", &build_info);
   m.def("cuda_probe", &cuda_probe);
-  m.def("cuda_device_name", &sp::cuda_device_name);
+  m.def("cuda_device_name", &sp::cuda_device_name, arg("ordinal"));
 
-  m.def("pairwise_sqdist_cpu", &pairwise_sqdist_cpu);
-  m.def("knn_cpu", &knn_cpu, py::arg("queries"), py::arg("bank"), py::arg("k"),
-        py::arg("weights"), py::arg("out_dist"), py::arg("out_idx"),
-        py::arg("out_score"), py::arg("tile_q") = 0, py::arg("tile_m") = 0);
-  m.def("lof_cpu", &lof_cpu);
-  m.def("kcenter_greedy_cpu", &kcenter_greedy_cpu);
-  m.def("kcenter_greedy_approx_cpu", &kcenter_greedy_approx_cpu);
+  m.def("pairwise_sqdist_cpu", &pairwise_sqdist_cpu, arg("a"), arg("b"), arg("out"));
+  m.def("knn_cpu", &knn_cpu, arg("queries"), arg("bank"), arg("k"), arg("weights"),
+        arg("out_dist"), arg("out_idx"), arg("out_score"), arg("tile_q") = 0, arg("tile_m") = 0);
+  m.def("lof_cpu", &lof_cpu, arg("x"), arg("k"), arg("out"));
+  m.def("kcenter_greedy_cpu", &kcenter_greedy_cpu, arg("x"), arg("m"), arg("start"),
+        arg("sample_weight"), arg("out_idx"));
+  m.def("kcenter_greedy_approx_cpu", &kcenter_greedy_approx_cpu, arg("x"), arg("m"),
+        arg("anchors"), arg("sample_weight"), arg("out_idx"));
 
 #ifdef SOFTPATCH_WITH_CUDA
   // Raw-pointer CUDA entry points: (pointers..., sizes..., dtype, ..., stream);
-  // every argument is checked (cuda_* below) before the kernel is queued.
-  m.def("pairwise_sqdist_cuda", &pairwise_sqdist_cuda);
-  m.def("knn_cuda_workspace_floats", &sp::knn_cuda_workspace_floats);
-  m.def("knn_cuda", &knn_cuda);
-  m.def("lof_cuda_workspace_floats", &sp::lof_cuda_workspace_floats);
-  m.def("lof_cuda", &lof_cuda);
-  m.def("kcenter_cuda_workspace_floats", &sp::kcenter_cuda_workspace_floats);
-  m.def("kcenter_greedy_cuda", &kcenter_greedy_cuda);
+  // every argument is checked (cuda_* above) before the kernel is queued.
+  m.def("pairwise_sqdist_cuda", &pairwise_sqdist_cuda, arg("a"), arg("b"), arg("out"), arg("B"),
+        arg("n"), arg("m"), arg("d"), arg("dtype"), arg("allow_tf32"), arg("stream"));
+  m.def("knn_cuda_workspace_floats", &sp::knn_cuda_workspace_floats, arg("q"), arg("m"), arg("k"));
+  m.def("knn_cuda", &knn_cuda, arg("queries"), arg("q"), arg("bank"), arg("m"), arg("d"), arg("k"),
+        arg("weights"), arg("out_dist"), arg("out_idx"), arg("out_score"), arg("dtype"),
+        arg("allow_tf32"), arg("workspace"), arg("workspace_floats"), arg("stream"));
+  m.def("lof_cuda_workspace_floats", &sp::lof_cuda_workspace_floats, arg("B"), arg("n"), arg("k"));
+  m.def("lof_cuda", &lof_cuda, arg("x"), arg("B"), arg("n"), arg("d"), arg("k"), arg("out"),
+        arg("workspace"), arg("workspace_floats"), arg("stream"));
+  m.def("kcenter_cuda_workspace_floats", &sp::kcenter_cuda_workspace_floats, arg("n"));
+  m.def("kcenter_greedy_cuda", &kcenter_greedy_cuda, arg("x"), arg("n"), arg("d"), arg("m"),
+        arg("start"), arg("anchors"), arg("n_anchors"), arg("sample_weight"), arg("out_idx"),
+        arg("dtype"), arg("workspace"), arg("workspace_floats"), arg("stream"));
 #endif
 }

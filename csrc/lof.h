@@ -21,9 +21,12 @@
 // error margin, the k nearest are then chosen on exact float64 distances
 // (summed in numpy's order), so the result equals the float64 reference up to
 // the final float32 rounding, on every instruction-set path (cpu/simd.h,
-// SOFTPATCH_CPU_ISA).
+// SOFTPATCH_CPU_ISA). Memory: an n x n float32 matrix per thread up to n ~ 2000
+// samples per group, O(n) beyond.
 // Contract: n >= 2 and 1 <= k <= n - 1 (the Python wrapper clamps k like
-// scikit-learn and handles n == 1).
+// scikit-learn and handles n == 1). lof_cpu checks that x is finite while it
+// reads it (std::invalid_argument otherwise), so the Python layer does not
+// scan it first.
 #pragma once
 #include "common.h"
 

@@ -252,3 +252,28 @@ def test_cuda_kcenter_binding_checks():
         call(sample_weight=FAKE + 1)
     with pytest.raises(ValueError, match="workspace has 0 floats"):
         call(workspace_floats=0)
+
+
+# ------------------------------------------------------------------ the stub
+def test_core_stub_matches_the_module():
+    """softpatch_cuda/_core.pyi names every function of the compiled module with the
+    module's own parameter names (CUDA ones: only checked in a CUDA build)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import softpatch_cuda
+
+    tree = ast.parse((Path(softpatch_cuda.__file__).parent / "_core.pyi").read_text())
+    stub = {f.name: [a.arg for a in f.args.args] for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert "CudaError" in {c.name for c in tree.body if isinstance(c, ast.ClassDef)}
+    assert issubclass(_core.CudaError, RuntimeError)
+    runtime = {n for n in dir(_core) if callable(getattr(_core, n)) and not n.startswith("_") and n != "CudaError"}
+    cuda_names = {n for n in stub if "cuda" in n and n not in ("cuda_probe", "cuda_device_name")}
+    assert runtime <= set(stub), f"missing from _core.pyi: {sorted(runtime - set(stub))}"
+    assert set(stub) - cuda_names <= runtime, f"not in the module: {sorted(set(stub) - cuda_names - runtime)}"
+    assert (cuda_names <= runtime) == bool(_core.build_info()["cuda_compiled"])
+    for name in runtime:
+        signature = getattr(_core, name).__doc__.strip().splitlines()[0]  # pybind11: name(a: T, ...) -> R
+        params = re.findall(r"(\w+): ", signature[signature.index("(") :])
+        assert params == stub[name], f"{name}: module {params}, stub {stub[name]}"

@@ -185,6 +185,16 @@ def test_approx_matches_reference(isa):
     assert (w[got] > 0).all()
 
 
+def test_steps_big_enough_for_threads():
+    """40k x 128: the first steps scan more than the kernel's parallel threshold, so they
+    may run on several threads (the kernel decides from the measured fork/join latency);
+    either way the indices are the naive loop's."""
+    x = H.clustered_patch_features(40_000, 128, seed=8)
+    np.testing.assert_array_equal(ops.kcenter_greedy(x, 40, start=3), R.kcenter_greedy(x, 40, start=3))
+    np.testing.assert_array_equal(ops.kcenter_greedy_approx(x, 40, seed=4),
+                                  R.kcenter_greedy_approx(x, 40, _anchors(len(x), 10, 4)))
+
+
 def test_isa_paths_agree():
     x = H.gaussian_features(1500, 130, seed=6)
     outs = []

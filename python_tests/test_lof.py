@@ -98,6 +98,42 @@ def test_large_k_path(isa):
     np.testing.assert_allclose(ops.lof(x, 50), _sklearn(x, 50), rtol=1e-4)
 
 
+@pytest.mark.parametrize("k", [1, 4, 5, 6, 7, 8, 12, 16, 17, 32, 33, 45])
+def test_every_selection_size(isa, k):
+    """k picks the size of the per-lane insertion network (4, 6, 8, 12, 16, 32) or, above
+    32, a selection per row; every size must give the reference's neighbours."""
+    rng = np.random.default_rng(50 + k)
+    x = rng.standard_normal((2, 70, 19)).astype(np.float32)
+    x[:, 5] += 4.0
+    np.testing.assert_allclose(ops.lof(x, k), R.lof(x, k), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 16, 17, 48, 96, 97])
+def test_group_sizes_around_the_tiles(isa, n):
+    """n at and around the vector width, the micro-tile and the 16 / 48 column panels:
+    the mirrored half of the distance matrix and its padding must line up."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((3, n, 24)).astype(np.float32)
+    k = min(6, n - 1)
+    np.testing.assert_allclose(ops.lof(x, k), R.lof(x, k), rtol=1e-5)
+
+
+def test_feature_dimension_over_one_chunk(isa):
+    """d above the Gram engine's d-chunk (128 or 256): dot products accumulate over chunks."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 40, 300)).astype(np.float32)
+    np.testing.assert_allclose(ops.lof(x, 5), R.lof(x, 5), rtol=1e-5)
+    np.testing.assert_allclose(ops.lof(x, 5), _sklearn(x, 5), rtol=1e-4)
+
+
+def test_one_large_group_bounded_memory(isa):
+    """A group too large for the whole distance matrix (n > ~2000) goes strip by strip."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((1, 2100, 6)).astype(np.float32)
+    x[0, :20] *= 4.0
+    np.testing.assert_allclose(ops.lof(x, 5), _sklearn(x, 5), rtol=1e-5)
+
+
 def test_two_dimensional_input_is_one_group():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((25, 6)).astype(np.float32)
@@ -141,6 +177,15 @@ def test_bad_inputs(monkeypatch):
     bad[1, 2, 0] = np.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
         ops.lof(bad, 2)
+    # The CPU kernel checks while it reads the data: no separate scan to skip.
+    with pytest.raises(ValueError, match="lof: argument 'x' contains NaN or infinite"):
+        ops.lof(bad, 2, check_finite=False)
+    with pytest.raises(ValueError, match="lof: argument 'x' contains NaN or infinite"):
+        ops.lof(torch.from_numpy(bad), 2)
+    one = np.zeros((2, 1, 3), np.float32)
+    one[1, 0, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ops.lof(one, 2)
     for k in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="'k'"):
             ops.lof(x, k)

@@ -99,7 +99,8 @@ void knn_cpu(const float* queries, index_t q, const float* bank, index_t m, inde
 void lof_cpu(const float* x, index_t B, index_t n, index_t d, index_t k, float* out) {
   SP_CHECK_ARG(n >= 2 && k >= 1 && k <= n - 1, "lof: need n >= 2 and 1 <= k <= n - 1");
   SP_CHECK_ARG(B >= 1 && d >= 1, "lof: need B >= 1 and d >= 1");
-  cpu::active_kernels().lof(x, B, n, d, k, out);
+  SP_CHECK_ARG(cpu::active_kernels().lof(x, B, n, d, k, out),
+               "lof: argument 'x' contains NaN or infinite values");
 }
 
 index_t kcenter_greedy_cpu(const float* x, index_t n, index_t d, index_t m, index_t start,

@@ -98,18 +98,21 @@ inline float centred_sqnorm(const float* x, const float* mean, index_t d) {
 // [chunk][group][p][kNR]; rows past `rows` up to a multiple of kNR are zero and
 // get norm +inf so they can never be a nearest neighbour. Writes the centred
 // squared norms to bn[0, round_up(rows, kNR)).
-inline void pack_bank(const float* b, index_t rows, index_t d, const float* mean,
-                      const Chunks& ch, float* packed, float* bn) {
+// kCentre = false: the rows are centred already (mean and bn unused).
+template <bool kCentre>
+inline void pack_bank_rows(const float* b, index_t rows, index_t d, const float* mean,
+                           const Chunks& ch, float* packed, float* bn) {
   const index_t rows_pad = round_up(rows, kNR);
   // Group by group (kNR rows, a few hundred KiB at most), so the rows read
   // for the norms are still in cache when they are packed.
   for (index_t g = 0; g < rows_pad / kNR; ++g) {
-    for (index_t j = g * kNR; j < (g + 1) * kNR; ++j)
-      bn[j] = j < rows ? centred_sqnorm(b + j * d, mean, d) : kInf;
+    if (kCentre)
+      for (index_t j = g * kNR; j < (g + 1) * kNR; ++j)
+        bn[j] = j < rows ? centred_sqnorm(b + j * d, mean, d) : kInf;
     for (index_t c = 0; c < ch.count; ++c) {
       const index_t p0 = ch.start(c), kc = ch.len(c);
       float* panel = packed + rows_pad * p0 + g * kc * kNR;
-      const float* mu = mean + p0;
+      const float* mu = kCentre ? mean + p0 : nullptr;
       for (index_t jb = 0; jb < kNR; jb += kW) {
         const index_t j = g * kNR + jb;
         const float* src = b + j * d + p0;
@@ -117,17 +120,18 @@ inline void pack_bank(const float* b, index_t rows, index_t d, const float* mean
           index_t p = 0;
           for (; p + kW <= kc; p += kW) {  // kW x kW blocks through registers
             vreg r[kW];
-            const vreg m = vload(mu + p);
-            for (int l = 0; l < kW; ++l) r[l] = vsub(vload(src + l * d + p), m);
+            const vreg m = kCentre ? vload(mu + p) : vzero();
+            for (int l = 0; l < kW; ++l) r[l] = kCentre ? vsub(vload(src + l * d + p), m) : vload(src + l * d + p);
             transpose(r);
             for (int l = 0; l < kW; ++l) vstore(panel + (p + l) * kNR + jb, r[l]);
           }
           for (; p < kc; ++p)
-            for (int l = 0; l < kW; ++l) panel[p * kNR + jb + l] = src[l * d + p] - mu[p];
+            for (int l = 0; l < kW; ++l) panel[p * kNR + jb + l] = kCentre ? src[l * d + p] - mu[p] : src[l * d + p];
         } else {
           for (index_t l = 0; l < kW; ++l) {
             if (j + l < rows)
-              for (index_t p = 0; p < kc; ++p) panel[p * kNR + jb + l] = src[l * d + p] - mu[p];
+              for (index_t p = 0; p < kc; ++p)
+                panel[p * kNR + jb + l] = kCentre ? src[l * d + p] - mu[p] : src[l * d + p];
             else
               for (index_t p = 0; p < kc; ++p) panel[p * kNR + jb + l] = 0.f;
           }
@@ -135,6 +139,17 @@ inline void pack_bank(const float* b, index_t rows, index_t d, const float* mean
       }
     }
   }
+}
+
+inline void pack_bank(const float* b, index_t rows, index_t d, const float* mean,
+                      const Chunks& ch, float* packed, float* bn) {
+  pack_bank_rows<true>(b, rows, d, mean, ch, packed, bn);
+}
+
+// The same layout from rows that are centred already (e.g. by pack_queries).
+inline void pack_bank_centred(const float* b, index_t rows, index_t d, const Chunks& ch,
+                              float* packed) {
+  pack_bank_rows<false>(b, rows, d, nullptr, ch, packed, nullptr);
 }
 
 // Packs query rows [0, rows) centred on `mean` as rows of stride d, zero rows up
@@ -189,10 +204,13 @@ struct TileScratch {
 };
 
 // ---------------------------------------------------------------- dot products
-// C[MR x kNR] (+)= A[MR rows, stride lda][kc] . panel[kc][kNR]^T.
+// C[MR x kNR] (+)= A[MR rows, stride lda][kc] . panel[kc][kNR]^T. With norms
+// (qn: the MR rows', bn: the panel's kNR), C gets the squared distances
+// max(qn + bn - 2 (C + A.panel), 0) instead (the last d-chunk), as dist_row.
 template <int MR>
 inline void micro_kernel(const float* a, index_t lda, const float* panel, index_t kc,
-                         float* c, index_t ldc, bool accumulate) {
+                         float* c, index_t ldc, bool accumulate, const float* qn = nullptr,
+                         const float* bn = nullptr) {
   vreg acc[MR][kNRV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -209,12 +227,15 @@ inline void micro_kernel(const float* a, index_t lda, const float* panel, index_
       for (int v = 0; v < kNRV; ++v) acc[i][v] = vfma(ai, bv[v], acc[i][v]);
     }
   }
+  const vreg two = vset1(2.f), zero = vzero();
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < kNRV; ++v) {
       float* dst = c + i * ldc + v * kW;
-      vstore(dst, accumulate ? vadd(acc[i][v], vload(dst)) : acc[i][v]);
+      vreg out = accumulate ? vadd(acc[i][v], vload(dst)) : acc[i][v];
+      if (qn) out = vmax(vfnma(two, out, vadd(vset1(qn[i]), vload(bn + v * kW))), zero);
+      vstore(dst, out);
     }
 }
 
@@ -230,6 +251,25 @@ inline void tile_dots(const float* qpack, index_t rows_pad, const float* bpack, 
       const float* panel = chunk + g * kc * kNR;
       for (index_t i = 0; i < rows_pad; i += kMR)
         micro_kernel<kMR>(qpack + i * d + p0, d, panel, kc, c + i * ldc + (g - g0) * kNR, ldc, k > 0);
+    }
+  }
+}
+
+// As tile_dots, but C gets the squared distances max(qn + bn - 2 a.b, 0)
+// (qn: the norms of the query tile's rows, bn: of the whole packed bank tile),
+// bit for bit what tile_dots followed by dist_row gives.
+inline void tile_dists(const float* qpack, index_t rows_pad, const float* bpack, index_t cols_pad,
+                       index_t g0, index_t g1, const Chunks& ch, index_t d, const float* qn,
+                       const float* bn, float* c, index_t ldc) {
+  for (index_t k = 0; k < ch.count; ++k) {
+    const index_t p0 = ch.start(k), kc = ch.len(k);
+    const bool last = k + 1 == ch.count;
+    const float* chunk = bpack + cols_pad * p0;
+    for (index_t g = g0; g < g1; ++g) {
+      const float* panel = chunk + g * kc * kNR;
+      for (index_t i = 0; i < rows_pad; i += kMR)
+        micro_kernel<kMR>(qpack + i * d + p0, d, panel, kc, c + i * ldc + (g - g0) * kNR, ldc, k > 0,
+                          last ? qn + i : nullptr, bn + g * kNR);
     }
   }
 }

@@ -278,18 +278,65 @@ void scan_group(Group& g, const float* x, const Centre& c, index_t d, double dlo
   refresh_stats(g);
 }
 
-// ------------------------------------------------------------------ greedy loop
-// Per-step work (elements) below which a step runs on one thread: a parallel
-// region per step costs a barrier, and on an oversubscribed machine a barrier
-// can wait milliseconds for a descheduled thread (measured: 8x slower overall
-// with 2 threads on 2 busy cores when every step was parallel).
+// ------------------------------------------------------------------ threads
+// A greedy step may split its work over threads, but every parallel region
+// ends in a barrier, and on a machine with more runnable threads than cores
+// that barrier waits for a helper with no core: a time slice (milliseconds)
+// against steps of tens of microseconds -- many times slower than one thread.
+// So the choice is measured rather than guessed: the latency of a trivial
+// parallel region is probed at the first big step and again every
+// kReprobeSeconds (load changes; probes take at most 5 % of the time), the
+// serial cost per element is measured on the steps that run serially, and a
+// step uses the threads only when it is big (kParallelWork elements, as
+// before) and the time the threads would save exceeds twice the measured
+// latency. Idle, that latency is microseconds and nothing changes;
+// oversubscribed, big steps stay serial. (Load averages react in minutes;
+// this reacts within kReprobeSeconds.)
 constexpr index_t kParallelWork = index_t(1) << 22;
+constexpr double kReprobeSeconds = 0.05;
+
+class ThreadPolicy {
+ public:
+  ThreadPolicy() : threads_(max_threads()) {}
+  // Threads for a step of `elems` elements (1: run it serially).
+  int threads_for(index_t elems) {
+    if (threads_ < 2 || elems < kParallelWork) return 1;
+    if (wtime() >= next_probe_) probe();
+    const double saved = double(elems) * sec_per_elem_ * (1. - 1. / threads_);
+    return saved > 2. * join_ ? threads_ : 1;
+  }
+  // A serial step of `elems` elements took `secs` seconds.
+  void serial_took(index_t elems, double secs) {
+    if (threads_ > 1 && elems >= kParallelWork / 16)
+      sec_per_elem_ = 0.75 * sec_per_elem_ + 0.25 * secs / double(elems);
+  }
+
+ private:
+  void probe() {
+    const double t0 = wtime();
+    int arrived = 0;  // every thread must run the region (an empty one is elided)
+#pragma omp parallel num_threads(threads_)
+    {
+#pragma omp atomic
+      ++arrived;
+    }
+    const double t1 = wtime();
+    join_ = t1 - t0;
+    // A probe waits for the same descheduled helper: keep probes <= 5 % of the time.
+    next_probe_ = t1 + dmax(kReprobeSeconds, 20. * join_);
+  }
+  int threads_;
+  double join_ = 0., next_probe_ = 0.;  // probed at the first big step
+  double sec_per_elem_ = 0.25e-9;  // until measured: a float32 filter element
+};
+
+// ------------------------------------------------------------------ greedy loop
 
 // The greedy loop from `first`; init_mind: initial min-distances (+inf for
 // the exact variant). Returns the number of indices written: m, or fewer when
 // every eligible point coincides with a selected centre (kcenter.h).
 index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, const float* w,
-               const Vec<double>& init_mind, index_t* out) {
+               const Vec<double>& init_mind, index_t* out, ThreadPolicy& policy) {
   // float32 sum of d squared rounded differences, any order, with or without
   // FMA: relative error <= (d + 2) * 2^-24; doubled for margin.
   const double rel_err = double(d + 8) * std::ldexp(1.0, -23);
@@ -353,7 +400,8 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
       Members& M = ng.mem;
       M.rows.resize(cnt * d);
       M.st.resize(cnt);
-#pragma omp parallel for schedule(static) if (cnt * d > (1 << 16))
+      // Dynamic chunks: a helper that starts late takes less.
+#pragma omp parallel for schedule(dynamic, 1024) num_threads(policy.threads_for(cnt * d))
       for (index_t q = 0; q < cnt; ++q) {
         const index_t p = elig[q];
         PointState& P = M.st[q];
@@ -399,7 +447,7 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
       for (index_t q = 0; q < nl; ++q)
         if (new_pivot || pivot_lbs[q] < groups[live[q]].bound) active.push_back(q);
       const index_t nr = index_t(active.size());
-#pragma omp parallel for schedule(static) if (nr * d > kParallelWork)
+#pragma omp parallel for schedule(dynamic, 256) num_threads(policy.threads_for(nr * d))
       for (index_t b = 0; b < nr; b += 4) {
         const float* rows[4];
         float f[4];
@@ -429,7 +477,9 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
       active.resize(kept_active);
       const index_t na = index_t(active.size());
       for (auto& sc : scratch) sc.moved.clear();
-#pragma omp parallel if (work * d > kParallelWork && na > 1)
+      const int scan_threads = na > 1 ? policy.threads_for(work * d) : 1;
+      const double scan_start = wtime();
+#pragma omp parallel num_threads(scan_threads)
       {
         Scratch& sc = scratch[thread_id()];
         // Chunks of several groups: per-group dispatch costs more than a small group.
@@ -439,6 +489,7 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
           scan_group(groups[live[q]], x, cen, d, dlo[q], scale, rel_err, sc);
         }
       }
+      if (scan_threads == 1) policy.serial_took(work * d, wtime() - scan_start);
       for (auto& sc : scratch) ng.mem.append(sc.moved);
       refresh_stats(ng);
       // Drop groups that lost all their members (and free their storage).
@@ -476,14 +527,16 @@ index_t greedy(const float* x, index_t n, index_t d, index_t m, index_t first, c
 // numpy: sqrt(pairwise_sqdist(x, x[anchors])).mean(axis=1) -- a pairwise sum
 // of the na distances, then one division.
 void approx_init(const float* x, index_t n, index_t d, const index_t* anchors, index_t na,
-                 Vec<double>& init) {
-#pragma omp parallel if (n * na * d > (1 << 16))
+                 Vec<double>& init, ThreadPolicy& policy) {
+  const int threads = policy.threads_for(n * na * d);
+  Vec<double> dist(na * threads);  // allocated outside the region
+#pragma omp parallel num_threads(threads)
   {
-    Vec<double> dist(na);
-#pragma omp for schedule(static)
+    double* dp = dist.data() + thread_id() * na;
+#pragma omp for schedule(dynamic, 1024)
     for (index_t p = 0; p < n; ++p) {
-      for (index_t a = 0; a < na; ++a) dist[a] = std::sqrt(exact_sqdist(x + p * d, x + anchors[a] * d, d));
-      init[p] = numpy_sum(dist.data(), na) / double(na);
+      for (index_t a = 0; a < na; ++a) dp[a] = std::sqrt(exact_sqdist(x + p * d, x + anchors[a] * d, d));
+      init[p] = numpy_sum(dp, na) / double(na);
     }
   }
 }
@@ -492,9 +545,10 @@ void approx_init(const float* x, index_t n, index_t d, const index_t* anchors, i
 
 index_t kcenter_greedy(const float* x, index_t n, index_t d, index_t m, index_t start,
                        const index_t* anchors, index_t n_anchors, const float* w, index_t* out) {
+  ThreadPolicy policy;
   Vec<double> init(n, std::numeric_limits<double>::infinity());
   if (start < 0) {  // approximate variant: first centre = largest weighted initial distance
-    approx_init(x, n, d, anchors, n_anchors, init);
+    approx_init(x, n, d, anchors, n_anchors, init, policy);
     double bp = -1.;
     for (index_t p = 0; p < n; ++p) {
       if (w && !(w[p] > 0.f)) continue;
@@ -506,7 +560,7 @@ index_t kcenter_greedy(const float* x, index_t n, index_t d, index_t m, index_t 
     }
     if (start < 0) return 0;
   }
-  return greedy(x, n, d, m, start, w, init, out);
+  return greedy(x, n, d, m, start, w, init, out, policy);
 }
 
 }  // namespace SP_ISA_NS

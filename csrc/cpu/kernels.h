@@ -18,7 +18,9 @@ struct Kernels {
   void (*knn)(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
               const float* weights, float* out_dist, index_t* out_idx, float* out_score,
               index_t tile_q, index_t tile_m);
-  void (*lof)(const float* x, index_t B, index_t n, index_t d, index_t k, float* out);
+  // Returns false when x holds NaN or inf (found while centring; out is then
+  // unspecified): the check costs nothing there, unlike a separate pass.
+  bool (*lof)(const float* x, index_t B, index_t n, index_t d, index_t k, float* out);
   // start >= 0: exact variant from `start`; start < 0: approximate variant
   // seeded by `anchors`. Returns the number of indices written to out_idx
   // (0: no point has a positive weight).
@@ -42,7 +44,7 @@ void pairwise_sqdist(const float* a, const float* b, float* out, index_t B, inde
 void knn(const float* queries, index_t q, const float* bank, index_t m, index_t d, index_t k,
          const float* weights, float* out_dist, index_t* out_idx, float* out_score,
          index_t tile_q, index_t tile_m);
-void lof(const float* x, index_t B, index_t n, index_t d, index_t k, float* out);
+bool lof(const float* x, index_t B, index_t n, index_t d, index_t k, float* out);
 index_t kcenter_greedy(const float* x, index_t n, index_t d, index_t m, index_t start,
                        const index_t* anchors, index_t n_anchors, const float* sample_weight,
                        index_t* out_idx);

@@ -88,6 +88,7 @@ inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
 inline vreg vsub(vreg a, vreg b) { return _mm512_sub_ps(a, b); }
 inline vreg vmul(vreg a, vreg b) { return _mm512_mul_ps(a, b); }
 inline vreg vmax(vreg a, vreg b) { return _mm512_max_ps(a, b); }
+inline vreg vmin(vreg a, vreg b) { return _mm512_min_ps(a, b); }
 inline unsigned vlt_mask(vreg a, vreg b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 inline unsigned vle_mask(vreg a, vreg b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
 inline float vsum(vreg a) { return _mm512_reduce_add_ps(a); }
@@ -124,6 +125,14 @@ constexpr bool kHalfRows = true;
 inline vreg vload_half(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// Writes base + l for every lane l set in `mask`, in order, to out (which has
+// room for kW values); returns how many. No data-dependent branch.
+inline int compress_lanes(unsigned mask, int32_t base, int32_t* out) {
+  const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(base),
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  _mm512_mask_compressstoreu_epi32(out, __mmask16(mask), lanes);
+  return __builtin_popcount(mask);
+}
 #elif SP_CPU_ISA == 1
 using vreg = __m256;
 constexpr int kW = 8;
@@ -137,6 +146,7 @@ inline vreg vadd(vreg a, vreg b) { return _mm256_add_ps(a, b); }
 inline vreg vsub(vreg a, vreg b) { return _mm256_sub_ps(a, b); }
 inline vreg vmul(vreg a, vreg b) { return _mm256_mul_ps(a, b); }
 inline vreg vmax(vreg a, vreg b) { return _mm256_max_ps(a, b); }
+inline vreg vmin(vreg a, vreg b) { return _mm256_min_ps(a, b); }
 inline unsigned vlt_mask(vreg a, vreg b) {
   return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ)));
 }
@@ -180,6 +190,31 @@ constexpr bool kHalfRows = true;
 inline vreg vload_half(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+// Writes base + l for every lane l set in `mask`, in order, to out (which has
+// room for kW values); returns how many. No data-dependent branch: the lane
+// order comes from a table of 3-bit indices, one 32-bit entry per mask.
+struct CompressTable {
+  uint32_t packed[256];
+  constexpr CompressTable() : packed() {
+    for (unsigned m = 0; m < 256; ++m) {
+      uint32_t v = 0;
+      int n = 0;
+      for (unsigned l = 0; l < 8; ++l)
+        if (m >> l & 1u) v |= l << (3 * n++);
+      packed[m] = v;
+    }
+  }
+};
+inline constexpr CompressTable kCompressTable{};
+inline int compress_lanes(unsigned mask, int32_t base, int32_t* out) {
+  const __m256i order = _mm256_and_si256(
+      _mm256_srlv_epi32(_mm256_set1_epi32(int(kCompressTable.packed[mask])),
+                        _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)),
+      _mm256_set1_epi32(7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_add_epi32(order, _mm256_set1_epi32(base)));
+  return __builtin_popcount(mask);
+}
 #else
 // Portable: GCC/Clang vector extensions, 4 floats: one register of the
 // baseline vector unit (SSE2 on x86-64, NEON on AArch64).
@@ -205,6 +240,7 @@ inline vreg vadd(vreg a, vreg b) { return a + b; }
 inline vreg vsub(vreg a, vreg b) { return a - b; }
 inline vreg vmul(vreg a, vreg b) { return a * b; }
 inline vreg vmax(vreg a, vreg b) { return a > b ? a : b; }
+inline vreg vmin(vreg a, vreg b) { return a < b ? a : b; }
 inline unsigned vlt_mask(vreg a, vreg b) {
   const auto lt = a < b;
   unsigned m = 0;
@@ -226,6 +262,16 @@ inline float vhmax(vreg a) {
 constexpr bool kHasTranspose = false;  // packing uses the scalar loop
 inline void transpose(vreg*) {}
 constexpr bool kHalfRows = false;      // k-center keeps float32 rows
+// Writes base + l for every lane l set in `mask`, in order, to out (which has
+// room for kW values); returns how many. Branch-free stores.
+inline int compress_lanes(unsigned mask, int32_t base, int32_t* out) {
+  int n = 0;
+  for (int l = 0; l < kW; ++l) {
+    out[n] = base + l;
+    n += int(mask >> l & 1u);
+  }
+  return n;
+}
 #endif
 
 // Scalar half <-> float (F16C), for the x86 copies that keep half rows.
@@ -312,6 +358,16 @@ inline int thread_id() {
   return omp_get_thread_num();
 #else
   return 0;
+#endif
+}
+
+// Wall-clock seconds, for scheduling decisions (a build without OpenMP runs
+// one thread and times nothing).
+inline double wtime() {
+#ifdef _OPENMP
+  return omp_get_wtime();
+#else
+  return 0.;
 #endif
 }
 

@@ -21,6 +21,7 @@ import torch
 
 from . import _core
 from . import _interop as io
+from ._validation import is_int
 
 _HALF_OK = ("float32", "float16")
 _CUDA_KNN_MAX_K = 64  # running top-k kept in shared memory (csrc/topk.cuh)
@@ -168,7 +169,7 @@ def knn(
         raise ValueError(
             f"{op}: 'queries' and 'bank' must have the same feature dimension, got {Q.shape[1]} and {Bk.shape[1]}"
         )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"{op}: 'k' must be a positive integer, got {k!r}")
     q, d = Q.shape
     m = Bk.shape[0]
@@ -227,7 +228,7 @@ def lof(x: Any, k: int = 6, *, check_finite: bool = True) -> Any:
     n_samples = X.shape[-2]
     if check_finite and (X.device != "cpu" or n_samples == 1):
         io.check_finite(X, op, "x")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"{op}: 'k' must be a positive integer, got {k!r}")
     batched = X.ndim == 3
     Bn, n, d = X.shape if batched else (1, *X.shape)
@@ -253,7 +254,7 @@ def lof(x: Any, k: int = 6, *, check_finite: bool = True) -> Any:
 # ------------------------------------------------------------------ k-center
 def _check_kcenter_args(op: str, X: io.Arr, m: Any, sample_weight: Any, check_finite: bool):
     n = X.shape[0]
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+    if not is_int(m) or m < 1:
         raise ValueError(f"{op}: 'm' must be a positive integer, got {m!r}")
     W = None
     n_eligible = n
@@ -307,7 +308,7 @@ def kcenter_greedy(
     X = _validate(op, "x", x, (2,), _HALF_OK, check_finite)
     W, m = _check_kcenter_args(op, X, m, sample_weight, check_finite)
     n, d = X.shape
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < n:
+    if not is_int(start) or not 0 <= start < n:
         raise ValueError(f"{op}: 'start' must be an index in [0, {n}), got {start!r}")
     if _weight_at(W, int(start)) <= 0:
         raise ValueError(f"{op}: 'start'={start} has sample_weight 0 and can never be selected")
@@ -343,7 +344,7 @@ def kcenter_greedy_approx(
     X = _validate(op, "x", x, (2,), _HALF_OK, check_finite)
     W, m = _check_kcenter_args(op, X, m, sample_weight, check_finite)
     n, d = X.shape
-    if isinstance(n_anchors, bool) or not isinstance(n_anchors, (int, np.integer)) or n_anchors < 1:
+    if not is_int(n_anchors) or n_anchors < 1:
         raise ValueError(f"{op}: 'n_anchors' must be a positive integer, got {n_anchors!r}")
     anchors = np.random.default_rng(seed).choice(n, size=min(int(n_anchors), n), replace=False).astype(np.int64)
     out = io.empty_like_framework(X, (m,), "int64")

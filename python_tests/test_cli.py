@@ -342,3 +342,12 @@ def test_demo_rejects_too_much_noise(tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "lower --noise" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_threads_option():
+    assert "threads" not in _kwargs([])  # auto: the library default
+    assert _kwargs(["--threads", "1"])["threads"] == 1
+    args = cli.build_parser().parse_args(["fit", "x", "--out", "m", "--threads", "auto"])
+    assert args.threads == "auto"
+    with pytest.raises(cli.UsageError, match="--threads"):
+        cli.build_parser().parse_args(["fit", "x", "--out", "m", "--threads", "0"])

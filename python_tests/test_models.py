@@ -339,3 +339,29 @@ def test_bad_plus_config():
         SoftPatchPlus(**FAST, seg_threshold=1.5)
     with pytest.raises(TypeError):
         PatchCore(**FAST, alignment="position")  # PatchCore takes no discriminator settings
+
+
+def test_thread_budget_follows_the_setting(clean_data, monkeypatch):
+    import softpatch_cuda.models.detector as det
+    from softpatch_cuda.runtime import choose_threads
+
+    assert choose_threads(3) == 3
+    monkeypatch.setenv("SOFTPATCH_THREADS", "1")
+    assert choose_threads("auto") == 1
+    seen = []
+    real = det.thread_budget
+
+    class Spy(real):
+        def __enter__(self):
+            seen.append(super().__enter__())
+            return seen[-1]
+
+    monkeypatch.setattr(det, "thread_budget", Spy)
+    before = torch.get_num_threads()
+    model = PatchCore(**FAST, threads=1).fit(clean_data[:4])
+    model.score(clean_data[:2])
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before  # restored after each phase
+    with pytest.raises(ValueError, match="threads"):
+        PatchCore(**FAST, threads=0)
+    model.threads = "auto"
+    assert model.config["threads"] == "auto"

@@ -130,6 +130,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
+    return value
+
+
 def _split_list(values: Sequence[str] | None) -> list[str] | None:
     """Repeatable options that also take comma lists: ['a,b', 'c'] -> ['a', 'b', 'c']."""
     if not values:
@@ -147,6 +159,9 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                        help="no progress bars, only results and errors")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),
                        help="debug logging; tracebacks on errors")
+    group.add_argument("--threads", type=_threads, default=default("auto"), metavar="N",
+                       help="CPU threads: auto (default: the cores other processes leave free, re-checked at "
+                            "each phase) or a number")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -332,6 +347,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     (or preset) defaults. Value checks are the model config's; this only maps names."""
     kind = args.model
     kw: dict[str, Any] = {"device": _check_device(args.device), "progress": _progress(args)}
+    if args.threads != "auto":
+        kw["threads"] = args.threads
     if args.preset is not None:
         kw["preset"] = args.preset
     for key in _COMMON_OPTIONS:
@@ -461,6 +478,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = collect_images(args.images, args.recursive, "image path")
     weights = _check_weights_file(args.weights)
     model = load_model(model_path, device=_check_device(args.device), weights=weights)
+    model.threads = args.threads
     result = predict_to_folder(model, paths, out, threshold=args.threshold, overlays=not args.no_overlays,
                                on_error=args.on_error, progress=_progress(args), model_path=str(model_path))
     rows = result.rows
@@ -560,7 +578,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.out, categories=_split_list(args.categories), noise=args.noise, quick=args.quick,
         device=_check_device(args.device), seed=args.seed, pretrained=not args.no_pretrained, backbone=args.backbone,
         layers=_split_list(args.layers), sizes=sizes, progress=_progress(args),
-        log=(lambda s: None) if args.quiet else _print_above_bars,
+        log=(lambda s: None) if args.quiet else _print_above_bars, threads=args.threads,
     )
     names = results["models"]
     print("mean AUROC (image / pixel, %): " + "; ".join(

@@ -72,6 +72,7 @@ def run_demo(
     sizes: dict | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    threads: int | str = "auto",
 ) -> dict:
     """Everything ``softpatch demo`` does; returns the results dict (also in out_dir/results.json)."""
     from tqdm.auto import tqdm
@@ -112,7 +113,8 @@ def run_demo(
                       n_test_defect=size["n_test_defect"], image_size=size["image_size"], seed=seed)
     t_data = time.perf_counter() - t_start
 
-    common: dict[str, Any] = {"device": device, "resize": size["image_size"], "crop": size["image_size"],
+    common: dict[str, Any] = {"device": device, "threads": threads, "resize": size["image_size"],
+                              "crop": size["image_size"],
                               "pretrained": pretrained, "seed": seed, "progress": False}
     if backbone:
         common["backbone"] = backbone

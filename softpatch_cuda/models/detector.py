@@ -23,14 +23,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._validation import check_bool, is_number
+from .._validation import check_bool, is_int, is_number
 from ..backbone import FeatureExtractor
 from ..denoise import DenoiseResult, plan_banks, score_patches, weight_stats
 from ..embedding import EmbeddedImages, PatchEmbedder, embed_batch, embed_images, random_projection
 from ..memory_bank import MemoryBank, build_banks
 from ..postprocess import patch_scores_to_maps
 from ..results import Prediction, TrainingReport
-from ..runtime import resolve_device
+from ..runtime import resolve_device, thread_budget
 from .calibration import calibrate_threshold
 from .config import PatchCoreConfig
 
@@ -80,10 +80,11 @@ class Detector:
     config_class: ClassVar[type[PatchCoreConfig]] = PatchCoreConfig
 
     def __init__(self, *, preset: str | None = None, device: str | torch.device = "auto", progress: bool = False,
-                 **options: Any):
+                 threads: int | str = "auto", **options: Any):
         self._config = self.config_class.from_options(preset, **options)
         self._device_request = _check_device_request(device)
         self.progress = progress
+        self.threads = threads
         self._reset()
 
     # ---------------------------------------------------------------- state
@@ -109,8 +110,8 @@ class Detector:
 
     @property
     def config(self) -> dict:
-        """JSON-able constructor arguments (options, device, progress)."""
-        return dict(self._config.to_dict(), device=self._device_request, progress=self.progress)
+        """JSON-able constructor arguments (options, device, progress, threads)."""
+        return dict(self._config.to_dict(), device=self._device_request, progress=self.progress, threads=self.threads)
 
     @property
     def progress(self) -> bool:
@@ -120,6 +121,19 @@ class Detector:
     @progress.setter
     def progress(self, value: bool) -> None:
         self._progress = check_bool("progress", value)
+
+    @property
+    def threads(self) -> int | str:
+        """CPU threads for fit and predict: an int, or "auto" (default): the usable CPUs
+        minus what other processes keep busy when each phase starts (see
+        :func:`softpatch_cuda.runtime.choose_threads`)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: int | str) -> None:
+        if value != "auto" and not (is_int(value) and value >= 1):
+            raise ValueError(f"threads must be 'auto' or an int >= 1, got {value!r}")
+        self._threads = value if value == "auto" else int(value)
 
     @property
     def transform(self):
@@ -211,7 +225,8 @@ class Detector:
         proj = (flat @ self._projection).contiguous()
 
         t0 = time.perf_counter()
-        denoised = self._denoise(proj.reshape(n, h, w, -1))
+        with thread_budget(self.threads):
+            denoised = self._denoise(proj.reshape(n, h, w, -1))
         timings["denoise_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -223,9 +238,10 @@ class Detector:
             kept, weights = denoised.kept, denoised.weights
         # bank rows remember their image by its index in the whole training set
         image_index = torch.as_tensor(distinct, device=device).repeat_interleave(h * w)
-        banks = build_banks(flat, proj, image_index, kept, weights, cfg.coreset_ratio, seed=cfg.seed,
-                            distance=cfg.distance, progress=self.progress, shard_patches=cfg.coreset_shard_patches,
-                            patches_per_image=h * w, search=cfg.search)
+        with thread_budget(self.threads):
+            banks = build_banks(flat, proj, image_index, kept, weights, cfg.coreset_ratio, seed=cfg.seed,
+                                distance=cfg.distance, progress=self.progress,
+                                shard_patches=cfg.coreset_shard_patches, patches_per_image=h * w, search=cfg.search)
         self._cls_bank, self._seg_bank = banks["cls"], banks.get("seg")
         timings["coreset_s"] = time.perf_counter() - t0
 
@@ -234,8 +250,9 @@ class Detector:
         self._report = report.expanded(embedded.names, embedded.sources, original_of)
 
         t0 = time.perf_counter()
-        self._threshold, calib = calibrate_threshold(emb, self._cls_bank, report.flagged, cfg.seed,
-                                                     cfg.image_score, image_ids=np.asarray(distinct))
+        with thread_budget(self.threads):
+            self._threshold, calib = calibrate_threshold(emb, self._cls_bank, report.flagged, cfg.seed,
+                                                         cfg.image_score, image_ids=np.asarray(distinct))
         timings["calibration_s"] = time.perf_counter() - t0
 
         info: dict[str, Any] = {"n_images": n_all, "n_distinct_images": n, "grid": [h, w], "embed_dim": dim,
@@ -278,11 +295,13 @@ class Detector:
     # ---------------------------------------------------------------- predict
     def predict(self, images: Any) -> Prediction:
         """Score images: image scores, verdicts and anomaly maps (see :class:`Prediction`)."""
-        return self._run(images, with_maps=True)
+        with thread_budget(self.threads):
+            return self._run(images, with_maps=True)
 
     def score(self, images: Any) -> np.ndarray:
         """[N] float32 image anomaly scores only (no maps)."""
-        return self._run(images, with_maps=False).scores
+        with thread_budget(self.threads):
+            return self._run(images, with_maps=False).scores
 
     def embed(self, images: Any, desc: str = "features") -> EmbeddedImages:
         """The embed phase alone: patch embeddings of ``images`` with this model's
@@ -290,7 +309,8 @@ class Detector:
         :meth:`predict_embedded` -- e.g. to embed a benchmark's images once for many fits."""
         if self._embedder is None:
             self._build_components(resolve_device(self._device_request))
-        return embed_images(self._embedder, images, self.transform, self._config.batch_size, self.progress, desc)
+        with thread_budget(self.threads):
+            return embed_images(self._embedder, images, self.transform, self._config.batch_size, self.progress, desc)
 
     @torch.no_grad()
     def _score_embeddings(self, emb: torch.Tensor, with_maps: bool, size: tuple[int, int],
@@ -365,12 +385,13 @@ class Detector:
             image_size = (side, side)
         timings = {"load_s": 0.0, "features_s": 0.0, "knn_s": 0.0, "maps_s": 0.0}
         scores, patches, maps = [], [], []
-        for s in range(0, len(embedded), cfg.batch_size):
-            sc, p, m = self._score_embeddings(embedded.embeddings[s : s + cfg.batch_size], True, tuple(image_size),
-                                              timings)
-            scores.append(sc)
-            patches.append(p)
-            maps.append(m)
+        with thread_budget(self.threads):
+            for s in range(0, len(embedded), cfg.batch_size):
+                sc, p, m = self._score_embeddings(embedded.embeddings[s : s + cfg.batch_size], True,
+                                                  tuple(image_size), timings)
+                scores.append(sc)
+                patches.append(p)
+                maps.append(m)
         self.predict_timings_ = timings
         return self._prediction(embedded.names, embedded.sources, embedded.sizes, scores, patches, maps)
 

@@ -165,3 +165,20 @@ def test_download_failure_is_a_clear_runtime_error(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(RuntimeError, match="'resnet18'.*Network is unreachable.*weights=PATH.*efficientnet_lite0"):
         FeatureExtractor("resnet18", pretrained=True)
+
+
+def test_paper_preset_backbone_takes_a_torchvision_weights_file(tmp_path):
+    """preset='paper' uses timm's wide_resnet50_2.tv_in1k: a torchvision WRN-50-2 state
+    dict (what the authors' code loads) fits it key for key."""
+    torchvision = pytest.importorskip("torchvision")
+    from softpatch_cuda import SoftPatch
+
+    torch.manual_seed(0)
+    tv = torchvision.models.wide_resnet50_2(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "wrn50_tv.pth")
+    model = SoftPatch(preset="paper", weights=str(tmp_path / "wrn50_tv.pth"), device="cpu")
+    assert model.settings.backbone == "wide_resnet50_2.tv_in1k" and model.settings.distance == "squared_l2"
+    fe = FeatureExtractor(model.settings.backbone, layers=list(model.settings.layers),
+                          weights=tmp_path / "wrn50_tv.pth")
+    assert fe.layers == ["layer2", "layer3"] and fe.channels == [512, 1024] and fe.weights_source == "file"
+    torch.testing.assert_close(fe.model.state_dict()["layer3.0.conv1.weight"], tv.state_dict()["layer3.0.conv1.weight"])

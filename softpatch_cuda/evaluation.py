@@ -141,11 +141,17 @@ def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:
     return evaluate_split_detailed(model, split, progress)[0]
 
 
-def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> tuple[dict, Any, np.ndarray | None]:
+def evaluate_split_detailed(model: Any, split: Any, progress: bool = False,
+                            embedded: Any = None) -> tuple[dict, Any, np.ndarray | None]:
     """:func:`evaluate_split` that also returns the test Prediction and the ground-truth
     masks in the model frame (bool [N, S, S], None when the split has no masks).
     When defective images were planted in the training set (label 1 there), the row
-    also says how well the training report found them (:func:`contamination_detection`)."""
+    also says how well the training report found them (:func:`contamination_detection`).
+
+    ``embedded``: the split's images already embedded by a model with the same
+    backbone and transform (``EmbeddedImages`` covering every train and test path):
+    the model then fits and predicts from them (``fit_embedded`` / ``predict_embedded``)
+    instead of reading and embedding the images again -- for several models on one split."""
     train, test = list(split.train), list(split.test)
     if not train:
         raise ValueError(f"split {split.category!r}: empty training set")
@@ -154,13 +160,24 @@ def evaluate_split_detailed(model: Any, split: Any, progress: bool = False) -> t
     from . import metrics
     set_progress(model, progress)
 
-    t0 = time.perf_counter()
-    model.fit([s.path for s in train])
-    fit_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    prediction = model.predict([s.path for s in test])
-    predict_s = time.perf_counter() - t0
+    if embedded is not None:
+        index = {src: i for i, src in enumerate(embedded.sources)}
+        missing = [s.path for s in train + test if s.path not in index]
+        if missing:
+            raise ValueError(f"embedded images lack {len(missing)} of the split's images, e.g. {missing[0]}")
+        t0 = time.perf_counter()
+        model.fit_embedded(embedded.subset([index[s.path] for s in train]))
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prediction = model.predict_embedded(embedded.subset([index[s.path] for s in test]))
+        predict_s = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        model.fit([s.path for s in train])
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prediction = model.predict([s.path for s in test])
+        predict_s = time.perf_counter() - t0
 
     labels = np.array([int(s.label) for s in test], dtype=np.int64)
     scores = np.asarray(prediction.scores, dtype=np.float64)

@@ -142,11 +142,14 @@ def run_demo(
         split = load_mvtec(data_root, category)
         noisy, record = apply_noise(split, noise, seed=seed, overlap=False)
         cat_result: dict[str, Any] = {"category": category, "metrics": {}, "noise_record": record.to_dict()}
+        embedded = None  # both models share the backbone: every image is embedded once
         for kind in DEMO_MODELS:
             model_kind = kind_by_cli_name(kind)
             steps.set_postfix_str(f"{category} / {model_kind.display_name}")
             model = model_kind.cls(**common)
-            row, prediction, masks = evaluate_split_detailed(model, noisy)
+            if embedded is None:
+                embedded = model.embed([s.path for s in noisy.train] + [s.path for s in noisy.test])
+            row, prediction, masks = evaluate_split_detailed(model, noisy, embedded=embedded)
             cat_result["metrics"][model_kind.display_name] = row
             if kind == DEMO_MODELS[0]:
                 _demo_flagged(cat_result, model, record, pictures / category)

@@ -100,13 +100,18 @@ class FitResult:
     fit_s: float
 
 
-def fit_to_file(model: Any, paths: Sequence[str], out: str | os.PathLike, report_csv: str | os.PathLike) -> FitResult:
+def fit_to_file(model: Any, paths: Sequence[str], out: str | os.PathLike, report_csv: str | os.PathLike,
+                fit: Callable[[Any, list[str]], Any] | None = None) -> FitResult:
     """Fit ``model`` on ``paths``; save it to ``out`` and the training report to ``report_csv``.
-    Both locations are checked before the fit starts."""
+    Both locations are checked before the fit starts. ``fit(model, paths)`` replaces
+    ``model.fit(paths)`` (the sharded, bounded-memory and Ray fits)."""
     out = check_writable_file(out, "model output")
     report_csv = check_writable_file(report_csv, "training report")
     t0 = time.perf_counter()
-    model.fit(list(paths))
+    if fit is None:
+        model.fit(list(paths))
+    else:
+        fit(model, list(paths))
     fit_s = time.perf_counter() - t0
     model.save(out)
     _write_atomically(report_csv, lambda tmp: write_csv(tmp, training_report_rows(model.training_report())))
@@ -143,13 +148,13 @@ class PredictResult:
 
 
 def _load_for_predict(path: str, on_error: str):
-    """(PIL image, None) or (None, reason) when skipping unreadable images."""
+    """(PIL image, None) or (None, the exception) when skipping unreadable images."""
     try:
         return load_image(path), None
     except (OSError, ValueError) as exc:
         if on_error == "fail":
             raise
-        return None, " ".join(str(exc).split())
+        return None, exc
 
 
 def check_on_error(on_error: str) -> str:
@@ -168,8 +173,13 @@ class ScoredChunk:
 
     paths: list[str]
     images: list[Any]
-    errors: list[str | None]
+    failures: list[BaseException | None]
     prediction: Any
+
+    @property
+    def errors(self) -> list[str | None]:
+        """Per path the reason it could not be read (one line), None when readable."""
+        return [None if exc is None else " ".join(str(exc).split()) for exc in self.failures]
 
     def scores(self) -> list[float | None]:
         """Per path its score (None for unreadable images), in path order."""

@@ -294,11 +294,26 @@ def run_shard(model: Any, spec: ShardSpec) -> ShardResult:
 
 
 # ------------------------------------------------------------------ the driver
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing).
+    A shard's tensors are freed when it ends, but glibc keeps much of a multi-threaded
+    process's freed memory in its arenas, and the next shard's arrays may land in other
+    arenas: without this, resident memory creeps up shard after shard."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def local_runner(model: Any, specs: Sequence[ShardSpec]) -> Iterator[ShardResult]:
     """Run the shards one after another in this process: one shard's patch features
     in memory at a time."""
     for spec in specs:
-        yield run_shard(model, spec)
+        result = run_shard(model, spec)
+        release_free_memory()
+        yield result
 
 
 def _reduce_union(projected: list[np.ndarray], kept: list[int], ratio: float, seed: int,
@@ -560,10 +575,14 @@ class MemoryPlan:
     grid: tuple[int, int]
     embed_dim: int
 
-    def need(self, shard_images: int, sharded: bool = True) -> int:
-        """Bytes a fit with shards of ``shard_images`` images needs."""
+    def counted(self, shard_images: int, sharded: bool = True) -> int:
+        """Bytes counted for a fit with shards of ``shard_images`` images."""
         merge = self.merge_sharded if sharded else self.merge_single
         return self.baseline + self.embed_batch + self.fixed + merge + shard_images * self.per_image
+
+    def need(self, shard_images: int, sharded: bool = True) -> int:
+        """The budget such a fit needs: what is counted, with SLACK of the budget kept free."""
+        return int(math.ceil(self.counted(shard_images, sharded) / (1.0 - SLACK)))
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -594,7 +613,8 @@ def _probe_images(model: Any, images: list) -> list:
     return [np.full((*hw, 3), 128, dtype=np.uint8)] * cfg.batch_size
 
 
-SAFETY = 1.25  # allocator slack and temporaries the count below does not name
+SAFETY = 1.25  # temporaries the per-image count below does not name
+SLACK = 0.05  # share of the budget kept free for allocator fragmentation and thread-local caches
 
 
 def plan_memory(model: Any, images: list, budget: int, oversample: float = DEFAULT_OVERSAMPLE) -> MemoryPlan:
@@ -618,6 +638,7 @@ def plan_memory(model: Any, images: list, budget: int, oversample: float = DEFAU
     embedded, peak = peak_rss_of(lambda: model.embed(probe, desc="memory probe"))
     _, h, w, dim = embedded.embeddings.shape
     del embedded
+    release_free_memory()
     # what stays after the first batch (the backbone, libraries' one-time state) is the
     # baseline; the batch's transient peak above it recurs with every batch
     baseline = current_rss()
@@ -650,8 +671,8 @@ def plan_memory(model: Any, images: list, budget: int, oversample: float = DEFAU
                       (h, w), dim)
     if plan.need(n, sharded=False) <= budget:
         return plan  # one shard: the single-process fit within the budget
-    room = budget - plan.need(0)
-    size = room // per_image if room > 0 else 0
+    room = budget * (1.0 - SLACK) - plan.counted(0)
+    size = int(room // per_image) if room > 0 else 0
     smallest = max(discriminator_minimum(model)[0], 1)
     if size < smallest:
         who = discriminator_minimum(model)[1]

@@ -457,7 +457,7 @@ def ray_runner(workers: int | None = None, cpus_per_worker: float = 1, device: s
 
 
 def fit_distributed(model: Any, images: Any, *, workers: int | None = None, shards: int | None = None,
-                    shard_size: int | None = None, cpus_per_worker: float = 1, device: str = "cpu",
+                    shard_size: int | None = None, cpus_per_worker: float = 1, device: str | None = None,
                     oversample: float | None = None) -> Any:
     """Fit ``model`` with its shards on Ray (a running instance: use :func:`ray_session`).
 
@@ -466,6 +466,8 @@ def fit_distributed(model: Any, images: Any, *, workers: int | None = None, shar
     shards; the driver merges the coresets with a second greedy k-center pass and
     calibrates the threshold (see :mod:`softpatch_cuda.sharded`). Workers need the
     images at the same paths (a shared file system) or get in-memory images shipped.
+    ``device``: where the workers compute (default: the model's device option); the
+    actors ask Ray for ``cpus_per_worker`` CPUs each.
     """
     from .sharded import DEFAULT_OVERSAMPLE, fit_sharded  # noqa: PLC0415
 
@@ -474,4 +476,4 @@ def fit_distributed(model: Any, images: Any, *, workers: int | None = None, shar
         shards = n_workers
     return fit_sharded(model, images, shards=shards, shard_size=shard_size,
                        oversample=DEFAULT_OVERSAMPLE if oversample is None else oversample,
-                       runner=ray_runner(n_workers, cpus_per_worker, device))
+                       runner=ray_runner(n_workers, cpus_per_worker, device or model.config["device"]))

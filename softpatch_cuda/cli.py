@@ -44,6 +44,7 @@ examples:
   softpatch fit train_images/ --out part.softpatch # fit on unlabeled (possibly contaminated) images
   softpatch predict part.softpatch new_images/ --out results/
   softpatch evaluate --dataset mvtec --root ~/data/mvtec --category bottle,screw --noise 0.1 --out eval/
+  softpatch export part.softpatch --format onnx         # deploy without torch (ONNX Runtime / OpenVINO)
 
 Run 'softpatch COMMAND --help' for the options of a command.
 """
@@ -59,6 +60,11 @@ examples:
   softpatch fit images/train --out bottle.softpatch --model softpatch-plus --coreset-ratio 0.05
   softpatch fit images/ --out m.softpatch --backbone resnet18 --layers layer2,layer3 --weights r18.pth
   softpatch fit images/ --out m.softpatch --resize 320 --crop 288 --device cuda
+
+at scale (see README, "At scale"):
+  softpatch fit images/ --out m.softpatch --max-memory 8G          # bounded memory: shards, one bank
+  softpatch fit images/ --out m.softpatch --ray --workers 4         # shards on a local Ray instance
+  softpatch fit images/ --out m.softpatch --ray auto --shards 16    # on a running Ray cluster
 """
 
 PREDICT_EPILOG = """\
@@ -69,6 +75,19 @@ normal ... red = anomalous, the decision threshold in the middle of the scale).
 examples:
   softpatch predict bottle.softpatch images/test --out results/
   softpatch predict bottle.softpatch a.png b.png --out results/ --threshold 2.5 --no-overlays
+  softpatch predict bottle.softpatch images/ --out results/ --ray --workers 8      # Ray Data, same outputs
+  softpatch predict bottle.softpatch images/ --out results/ --graph bottle.onnx    # exported graph, no torch
+"""
+
+EXPORT_EPILOG = """\
+Writes the backbone + patch embedding as a graph; the memory bank, weights, threshold and
+transform stay in the model file. Serve both without torch: softpatch_cuda.deploy.OnnxDetector
+in Python, 'python -m softpatch_cuda.deploy MODEL GRAPH IMAGES --out DIR', or 'softpatch predict
+MODEL IMAGES --graph GRAPH'.
+
+examples:
+  softpatch export bottle.softpatch                         # bottle.onnx
+  softpatch export bottle.softpatch --format openvino -o ir/bottle.xml
 """
 
 EVALUATE_EPILOG = """\
@@ -251,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, metavar="N", help="suspects printed (default 10)")
     p.add_argument("-r", "--recursive", action="store_true", help="also read images in sub-folders of DATA folders")
     _add_model_options(p)
+    g = p.add_argument_group("at scale")
+    _add_ray_options(g, "the shards run on Ray actors")
+    g.add_argument("--shards", type=int, metavar="N",
+                   help="split the training images into N shards, each denoised on its own, one memory bank "
+                        "(default with --ray: one per worker)")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="keep the fit under SIZE of memory (e.g. 8G, 512M): shards sized to fit, refused at once "
+                        "when impossible")
 
     # ---- predict
     p = add("predict", "score images with a saved model: CSV/JSON and heatmap overlays", PREDICT_EPILOG, cmd_predict)
@@ -267,6 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="FILE",
                    help="backbone weights file, when the path stored in the model is not valid here")
     p.add_argument("-r", "--recursive", action="store_true", help="also read images in sub-folders")
+    g = p.add_argument_group("at scale")
+    _add_ray_options(g, "score with Ray Data; the same outputs")
+    g.add_argument("--graph", metavar="FILE",
+                   help="score with an exported graph (softpatch export: .onnx / .xml) instead of torch")
+
+    # ---- export
+    p = add("export", "export the backbone + patch embedding for deployment without torch (ONNX, OpenVINO)",
+            EXPORT_EPILOG, cmd_export)
+    p.add_argument("model", metavar="MODEL", help="a model saved by 'softpatch fit'")
+    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                   help="onnx (default) or openvino (IR .xml + .bin; needs the openvino package)")
+    p.add_argument("-o", "--out", metavar="FILE", help="graph file (default: MODEL with .onnx / .xml)")
+    p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (default 17)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="backbone weights file, when the path stored in the model is not valid here")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running the graph against the torch embedding after writing it")
 
     # ---- evaluate
     p = add("evaluate", "fit + test per category of a benchmark dataset, with optional training noise",
@@ -308,6 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ====================================================================== helpers
+RAY_ADDRESS = re.compile(r"^(auto|local|(ray|https?)://[\w.\-]+(:\d+)?|[\w.\-]+:\d+)$")
+
+
+def _add_ray_options(group: Any, what: str) -> None:
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help=f"{what}: a local Ray instance (no ADDRESS), 'auto' (the running cluster) or "
+                            "ray://HOST:PORT; put it after the positional arguments")
+    group.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: the cluster's CPUs)")
+
+
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """The --ray address checked (None: no Ray); --workers only with --ray."""
+    if args.ray is None:
+        if args.workers is not None:
+            raise UsageError("--workers needs --ray")
+        return None
+    if not RAY_ADDRESS.match(args.ray):
+        hint = " (it looks like a path: put --ray after the positional arguments, or write --ray=ADDRESS)" \
+            if Path(args.ray).exists() else ""
+        raise UsageError(f"--ray {args.ray}: not a Ray address (auto, local, ray://HOST:PORT, HOST:PORT){hint}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    return args.ray
+
+
 def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet
 
@@ -454,14 +523,66 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} is a folder; give a file name such as {out / 'model.softpatch'}")
     if args.top < 0:
         raise UsageError(f"--top must be >= 0, got {args.top}")
+    address = _ray_address(args)
+    if args.shards is not None and args.shards < 1:
+        raise UsageError(f"--shards must be >= 1, got {args.shards}")
+    if args.max_memory is not None:
+        if address is not None:
+            raise UsageError("--max-memory bounds a fit on this machine; with --ray choose the shards (--shards)")
+        if args.shards is not None:
+            raise UsageError("--max-memory chooses the shards itself; give --max-memory or --shards, not both")
+        from .sharded import parse_memory
+
+        try:
+            parse_memory(args.max_memory)  # a malformed size fails before any work
+        except ValueError as exc:
+            raise UsageError(str(exc).replace("max_memory", "--max-memory")) from None
     model = build_model(args)  # option mistakes first (cheap: no backbone yet)
     paths = collect_images(args.data, args.recursive, "DATA")
-    _say(args, f"Fitting {kind_by_cli_name(args.model).display_name} on {len(paths)} images ...")
-    result = fit_to_file(model, paths, out, _training_report_csv_path(out, args.report))
+    how = ""
+    if address is not None:
+        how = f" on Ray ({address})"
+    elif args.max_memory is not None:
+        how = f" within {args.max_memory} of memory"
+    elif args.shards is not None:
+        how = f" in {args.shards} shards"
+    _say(args, f"Fitting {kind_by_cli_name(args.model).display_name} on {len(paths)} images{how} ...")
+    result = fit_to_file(model, paths, out, _training_report_csv_path(out, args.report), fit=_fit_function(args, address))
     print(format_training_report(model.training_report(), top=args.top))
     print(f"Decision threshold on image scores: {float(model.threshold):.4g}")
     print(f"Model saved to {result.model_path} (fit in {result.fit_s:.1f} s); training report: {result.report_csv}")
     return 0
+
+
+def _fit_function(args: argparse.Namespace, address: str | None) -> Callable | None:
+    """How fit_to_file fits: the model's own fit (None), the bounded-memory / sharded fit, or Ray."""
+    if address is not None:
+        def fit_on_ray(model: Any, paths: list[str]) -> Any:
+            from .distributed import fit_distributed, ray_session
+
+            with ray_session(address, quiet=args.quiet):
+                return fit_distributed(model, paths, workers=args.workers, shards=args.shards, device=args.device)
+
+        return _optional_dependency(fit_on_ray)
+    if args.max_memory is not None or args.shards is not None:
+        def fit_in_shards(model: Any, paths: list[str]) -> Any:
+            from .sharded import fit_sharded
+
+            return fit_sharded(model, paths, shards=args.shards, max_memory=args.max_memory)
+
+        return fit_in_shards
+    return None
+
+
+def _optional_dependency(fn: Callable) -> Callable:
+    """A missing optional package (ray, onnx, onnxruntime, openvino) is a usage error: one line, exit 2."""
+    def run(*a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except ImportError as exc:
+            raise UsageError(str(exc)) from exc
+
+    return run
 
 
 # ====================================================================== predict
@@ -474,13 +595,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model file not found: {args.model}")
     if model_path.is_dir():
         raise UsageError(f"MODEL {args.model} is a folder, expected a file saved by 'softpatch fit'")
+    address = _ray_address(args)
+    if args.graph is not None:
+        if address is not None:
+            raise UsageError("--graph and --ray exclude each other (score a graph with Python: softpatch_cuda.deploy)")
+        if args.weights:
+            raise UsageError("--weights does not apply with --graph (the graph holds the backbone)")
+        if args.device not in ("auto", "cpu"):
+            raise UsageError(f"--device {args.device} does not apply with --graph (ONNX Runtime / OpenVINO on the CPU)")
+        if not Path(args.graph).expanduser().is_file():
+            raise FileNotFoundError(f"graph file not found: {args.graph}")
     out = check_writable_dir(args.out, "--out")
     paths = collect_images(args.images, args.recursive, "image path")
     weights = _check_weights_file(args.weights)
-    model = load_model(model_path, device=_check_device(args.device), weights=weights)
-    model.threads = args.threads
-    result = predict_to_folder(model, paths, out, threshold=args.threshold, overlays=not args.no_overlays,
-                               on_error=args.on_error, progress=_progress(args), model_path=str(model_path))
+    device = _check_device(args.device)
+    if address is not None:
+        def run_on_ray() -> Any:
+            from .distributed import predict_to_folder_ray, ray_session
+
+            with ray_session(address, quiet=args.quiet):
+                return predict_to_folder_ray(model_path, paths, out, workers=args.workers, threshold=args.threshold,
+                                             overlays=not args.no_overlays, on_error=args.on_error,
+                                             progress=_progress(args), device=device, weights=weights)
+
+        result = _optional_dependency(run_on_ray)()
+    else:
+        if args.graph is not None:
+            from .deploy import OnnxDetector
+
+            model = _optional_dependency(OnnxDetector)(model_path, args.graph)
+        else:
+            model = load_model(model_path, device=device, weights=weights)
+            model.threads = args.threads
+        result = predict_to_folder(model, paths, out, threshold=args.threshold, overlays=not args.no_overlays,
+                                   on_error=args.on_error, progress=_progress(args), model_path=str(model_path))
     rows = result.rows
     width = max(len(r["name"]) for r in rows)
     if not args.quiet:
@@ -492,6 +640,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{result.n_anomalous} of {len(rows)} images anomalous (threshold {result.threshold:.4g}){errors}. "
           f"Results: {result.csv_path}, {result.json_path}"
           + ("" if args.no_overlays else f", overlays in {result.overlays}"))
+    return 0
+
+
+# ====================================================================== export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    model_path = Path(args.model).expanduser()
+    if not model_path.exists():
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    if model_path.is_dir():
+        raise UsageError(f"MODEL {args.model} is a folder, expected a file saved by 'softpatch fit'")
+    if args.opset < 13:
+        raise UsageError(f"--opset must be >= 13, got {args.opset}")
+    suffix = ".onnx" if args.format == "onnx" else ".xml"
+    out = Path(args.out).expanduser() if args.out else model_path.with_suffix(suffix)
+    if args.format == "openvino" and out.suffix.lower() != ".xml":
+        raise UsageError(f"--out {out}: an OpenVINO IR file name ends in .xml")
+    from .jobs import check_writable_file
+
+    check_writable_file(out, "--out")
+    weights = _check_weights_file(args.weights)
+    summary = _optional_dependency(export)(str(model_path), out, args.format, opset=args.opset, weights=weights,
+                                           check=not args.no_check)
+    check = ""
+    if "max_rel_diff" in summary:
+        check = f"; max difference to the torch embedding {summary['max_abs_diff']:.2g} ({summary['max_rel_diff']:.2g} relative)"
+    print(f"Exported the {summary['metadata']['backbone']} embedding graph ({args.format}, opset {args.opset}) to "
+          f"{summary['path']}{check}. Serve it with the model file: softpatch predict {model_path} IMAGES --graph "
+          f"{summary['path']} --out DIR")
     return 0
 
 

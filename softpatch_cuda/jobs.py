@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .data.images import IMAGE_EXTENSIONS, list_images, load_image
+from ._pixels import IMAGE_EXTENSIONS, list_images, load_image  # torch-free: the ONNX predictor uses these jobs
 from .report import colour_range, distinct_names, overlay, save_png, training_report_rows, write_csv, write_json
 
 PREDICT_CHUNK = 32  # images per predict() call: bounds the memory held by anomaly maps
@@ -100,13 +100,18 @@ class FitResult:
     fit_s: float
 
 
-def fit_to_file(model: Any, paths: Sequence[str], out: str | os.PathLike, report_csv: str | os.PathLike) -> FitResult:
+def fit_to_file(model: Any, paths: Sequence[str], out: str | os.PathLike, report_csv: str | os.PathLike,
+                fit: Callable[[Any, list[str]], Any] | None = None) -> FitResult:
     """Fit ``model`` on ``paths``; save it to ``out`` and the training report to ``report_csv``.
-    Both locations are checked before the fit starts."""
+    Both locations are checked before the fit starts. ``fit(model, paths)`` replaces
+    ``model.fit(paths)`` (the sharded, bounded-memory and Ray fits)."""
     out = check_writable_file(out, "model output")
     report_csv = check_writable_file(report_csv, "training report")
     t0 = time.perf_counter()
-    model.fit(list(paths))
+    if fit is None:
+        model.fit(list(paths))
+    else:
+        fit(model, list(paths))
     fit_s = time.perf_counter() - t0
     model.save(out)
     _write_atomically(report_csv, lambda tmp: write_csv(tmp, training_report_rows(model.training_report())))
@@ -143,86 +148,172 @@ class PredictResult:
 
 
 def _load_for_predict(path: str, on_error: str):
-    """(PIL image, None) or (None, reason) when skipping unreadable images."""
+    """(PIL image, None) or (None, the exception) when skipping unreadable images."""
     try:
         return load_image(path), None
     except (OSError, ValueError) as exc:
         if on_error == "fail":
             raise
-        return None, " ".join(str(exc).split())
+        return None, exc
+
+
+def check_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+    return on_error
+
+
+# The pieces below are shared by the local loop (predict_to_folder) and the Ray workers
+# (softpatch_cuda.distributed), so both write the same rows, overlays and files.
+@dataclass
+class ScoredChunk:
+    """One chunk of paths after loading and scoring: per path the image (None when
+    unreadable) and the reason it could not be read; the prediction of the readable
+    images (None when there were none)."""
+
+    paths: list[str]
+    images: list[Any]
+    failures: list[BaseException | None]
+    prediction: Any
+
+    @property
+    def errors(self) -> list[str | None]:
+        """Per path the reason it could not be read (one line), None when readable."""
+        return [None if exc is None else " ".join(str(exc).split()) for exc in self.failures]
+
+    def scores(self) -> list[float | None]:
+        """Per path its score (None for unreadable images), in path order."""
+        out, k = [], 0
+        for img in self.images:
+            if img is None:
+                out.append(None)
+            else:
+                out.append(float(self.prediction.scores[k]))
+                k += 1
+        return out
+
+    def readable(self) -> list[tuple[int, int]]:
+        """(position in the chunk, position in the prediction) of every readable image."""
+        pairs, k = [], 0
+        for i, img in enumerate(self.images):
+            if img is not None:
+                pairs.append((i, k))
+                k += 1
+        return pairs
+
+
+def score_chunk(model: Any, paths: Sequence[str], on_error: str) -> ScoredChunk:
+    """Load ``paths`` (unreadable ones fail or are skipped, ``on_error``) and predict the readable ones."""
+    loaded = [_load_for_predict(p, on_error) for p in paths]
+    images = [img for img, _ in loaded if img is not None]
+    prediction = model.predict(images) if images else None
+    return ScoredChunk(list(paths), [img for img, _ in loaded], [err for _, err in loaded], prediction)
+
+
+def prediction_row(name: str, path: str, threshold: float, score: float | None, error: str | None,
+                   overlay: str | None = None) -> dict:
+    """One row of predictions.csv / .json (PREDICTION_COLUMNS)."""
+    row = {"name": name, "path": path, "score": None, "threshold": threshold, "verdict": "error",
+           "overlay": None, "error": error}
+    if score is not None:
+        row.update(score=float(score), verdict="anomalous" if score > threshold else "normal", overlay=overlay)
+    return row
+
+
+def render_overlay(image: Any, prediction: Any, k: int, vrange: tuple[float, float], path: Path) -> Path:
+    """Write image ``k``'s overlay PNG to ``path`` at a bounded resolution (the original's
+    geometry, at most OVERLAY_MAX_SIDE pixels a side)."""
+    if max(image.size) > OVERLAY_MAX_SIDE:
+        image = image.copy()
+        image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+    amap = np.asarray(prediction.map_at_input_size(k, out_size=(image.height, image.width)))
+    save_png(path, overlay(image, amap, *vrange))
+    return path
+
+
+class OverlayNames:
+    """File names of the overlays, unique within a run, given in the order of the rows."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+
+    def next(self, name: str) -> str:
+        return f"{_unique_stem(name.replace('/', '_'), self._used)}.png"
+
+
+def display_names(paths: Sequence[str]) -> dict[str, str]:
+    """Path -> the name shown in the outputs (the file name, made distinct)."""
+    paths = list(paths)
+    return dict(zip(paths, distinct_names([Path(p).name for p in paths], paths)))
+
+
+def staging_folder(out: Path) -> Path:
+    """A fresh hidden folder under ``out`` where a run writes its outputs before committing them."""
+    return Path(tempfile.mkdtemp(prefix=".softpatch-predict-", dir=out))
+
+
+def commit_predictions(out: Path, staging: Path, rows: list[dict], header: dict) -> None:
+    """Write predictions.csv / .json into ``staging`` and move everything (with
+    ``staging``/overlays, if any) into ``out``: the new outputs replace the old ones,
+    stale overlays included, and nothing else in ``out`` is touched."""
+    write_csv(staging / "predictions.csv", rows, PREDICTION_COLUMNS)
+    write_json(staging / "predictions.json", dict(header, predictions=rows))
+    if (staging / "overlays").is_dir():
+        _replace(staging / "overlays", out / "overlays")
+    elif (out / "overlays").is_dir():
+        shutil.rmtree(out / "overlays")
+    for name in ("predictions.json", "predictions.csv"):
+        os.replace(staging / name, out / name)
+
+
+def predictions_header(model_path: str | None, model_type: str, threshold: float,
+                       vrange: tuple[float, float] | None) -> dict:
+    return {"model": model_path, "model_type": model_type, "threshold": threshold,
+            "colour_range": list(vrange) if vrange else None}
 
 
 def predict_to_folder(model: Any, paths: Sequence[str], out: str | os.PathLike, *, threshold: float | None = None,
                       overlays: bool = True, on_error: str = "fail", progress: bool = False,
                       chunk: int = PREDICT_CHUNK, model_path: str | None = None) -> PredictResult:
     """Score ``paths`` with a fitted model; write ``out``/predictions.csv, predictions.json
-    and (``overlays``) one heatmap overlay PNG per image under ``out``/overlays/."""
+    and (``overlays``) one heatmap overlay PNG per image under ``out``/overlays/.
+
+    ``model``: anything with ``threshold`` and ``predict(images)`` -- a :class:`Detector`
+    or the torch-free :class:`softpatch_cuda.deploy.OnnxDetector`."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+    check_on_error(on_error)
     out = check_writable_dir(out, "output folder")
     if threshold is not None:
         model.threshold = float(threshold)
     threshold = float(model.threshold)
     paths = list(paths)
-    display = dict(zip(paths, distinct_names([Path(p).name for p in paths], paths)))
-    staging = Path(tempfile.mkdtemp(prefix=".softpatch-predict-", dir=out))
+    display = display_names(paths)
+    staging = staging_folder(out)
     try:
         rows: list[dict] = []
-        used: dict[str, int] = {}
+        names = OverlayNames()
         vrange: tuple[float, float] | None = None
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr)
         for start in range(0, len(paths), chunk):
-            part = paths[start : start + chunk]
-            loaded = [_load_for_predict(p, on_error) for p in part]
-            images = [img for img, _ in loaded if img is not None]
-            prediction = model.predict(images) if images else None
-            if prediction is not None and vrange is None:
-                vrange = colour_range(prediction.maps, threshold)  # one colour scale for the whole run
-            k = 0
-            for path, (img, error) in zip(part, loaded):
-                row = {"name": display[path], "path": path, "score": None, "threshold": threshold,
-                       "verdict": "error", "overlay": None, "error": error}
-                if img is not None:
-                    score = float(prediction.scores[k])
-                    row.update(score=score, verdict="anomalous" if score > threshold else "normal")
-                    if overlays:
-                        row["overlay"] = _write_overlay(img, prediction, k, vrange, staging / "overlays",
-                                                        out / "overlays", display[path], used)
-                    k += 1
-                rows.append(row)
-            bar.update(len(part))
+            scored = score_chunk(model, paths[start : start + chunk], on_error)
+            if scored.prediction is not None and vrange is None:
+                vrange = colour_range(scored.prediction.maps, threshold)  # one colour scale for the whole run
+            overlay_of: dict[int, str] = {}
+            if overlays:
+                for i, k in scored.readable():
+                    file_name = names.next(display[scored.paths[i]])
+                    render_overlay(scored.images[i], scored.prediction, k, vrange, staging / "overlays" / file_name)
+                    overlay_of[i] = str(out / "overlays" / file_name)
+            for i, (path, score) in enumerate(zip(scored.paths, scored.scores())):
+                rows.append(prediction_row(display[path], path, threshold, score, scored.errors[i], overlay_of.get(i)))
+            bar.update(len(scored.paths))
         bar.close()
-        write_csv(staging / "predictions.csv", rows, PREDICTION_COLUMNS)
-        write_json(staging / "predictions.json", {
-            "model": model_path, "model_type": type(model).__name__, "threshold": threshold,
-            "colour_range": list(vrange) if vrange else None, "predictions": rows,
-        })
-        # commit: the new outputs replace the old ones (stale overlays go too)
-        if (staging / "overlays").is_dir():
-            _replace(staging / "overlays", out / "overlays")
-        elif (out / "overlays").is_dir():
-            shutil.rmtree(out / "overlays")
-        for name in ("predictions.json", "predictions.csv"):
-            os.replace(staging / name, out / name)
+        commit_predictions(out, staging, rows, predictions_header(model_path, type(model).__name__, threshold, vrange))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PredictResult(rows, out / "predictions.csv", out / "predictions.json",
                          out / "overlays" if overlays else None, threshold)
-
-
-def _write_overlay(image, prediction, k: int, vrange, staging_dir: Path, final_dir: Path, name: str,
-                   used: dict[str, int]) -> str:
-    """One overlay PNG at a bounded resolution (the original's geometry, at most
-    OVERLAY_MAX_SIDE pixels a side); returns its final path."""
-    if max(image.size) > OVERLAY_MAX_SIDE:
-        image = image.copy()
-        image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
-    amap = np.asarray(prediction.map_at_input_size(k, out_size=(image.height, image.width)))
-    file_name = f"{_unique_stem(name.replace('/', '_'), used)}.png"
-    save_png(staging_dir / file_name, overlay(image, amap, *vrange))
-    return str(final_dir / file_name)
 
 
 def _unique_stem(name: str, used: dict[str, int]) -> str:

@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ._validation import is_int
 
 FORMAT_NAME = "softpatch_cuda.model"
@@ -31,16 +29,38 @@ FORMAT_VERSION = 2
 METADATA_KEY = "softpatch_cuda"
 CHECKSUM_KEY = "checksum"
 
+# torch is imported where torch tensors are written: reading with framework="np" (the
+# torch-free predictor, softpatch_cuda.deploy) must work where torch is not installed.
+# The checksum names dtypes as torch prints them, for numpy arrays too, so a file's
+# checksum is the same whichever framework reads it.
+_NUMPY_DTYPE_NAMES = {"float32": "torch.float32", "float16": "torch.float16", "float64": "torch.float64",
+                      "int64": "torch.int64", "int32": "torch.int32", "uint8": "torch.uint8", "bool": "torch.bool"}
 
-def content_checksum(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> str:
-    """SHA-256 over the header (canonical JSON, without the checksum) and every tensor."""
+
+def _checksum_view(t: Any) -> tuple[str, tuple, bytes]:
+    """(dtype name, shape, bytes) of a torch tensor or a numpy array."""
+    if type(t).__module__.startswith("torch"):
+        t = t.detach().to("cpu").contiguous()
+        return str(t.dtype), tuple(t.shape), t.numpy().tobytes()
+    import numpy as np  # noqa: PLC0415
+
+    a = np.ascontiguousarray(t)
+    name = _NUMPY_DTYPE_NAMES.get(a.dtype.name)
+    if name is None:
+        raise ValueError(f"unsupported array dtype {a.dtype} in a model file")
+    return name, tuple(int(v) for v in a.shape), a.tobytes()
+
+
+def content_checksum(tensors: dict[str, Any], header: dict[str, Any]) -> str:
+    """SHA-256 over the header (canonical JSON, without the checksum) and every tensor
+    (torch tensors or numpy arrays: the same digest for the same contents)."""
     digest = hashlib.sha256()
     body = {k: v for k, v in header.items() if k != CHECKSUM_KEY}
     digest.update(json.dumps(body, sort_keys=True, allow_nan=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        digest.update(t.numpy().tobytes())
+        dtype, shape, data = _checksum_view(tensors[name])
+        digest.update(f"\0{name}\0{dtype}\0{shape}\0".encode())
+        digest.update(data)
     return digest.hexdigest()
 
 
@@ -50,7 +70,7 @@ def _default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
+def write_model_file(path: str | os.PathLike, tensors: dict[str, Any], header: dict[str, Any]) -> Path:
     """Write ``tensors`` and the JSON ``header`` (plus format, version, checksum) to ``path``."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
@@ -72,9 +92,13 @@ def write_model_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     return path
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_model_file(path: str | os.PathLike, framework: str = "pt") -> tuple[dict[str, Any], dict[str, Any]]:
     """Read and verify a model file: (tensors on the CPU, header). One-line ValueErrors
-    for corrupt, damaged, foreign and too-new files; FileNotFoundError for missing ones."""
+    for corrupt, damaged, foreign and too-new files; FileNotFoundError for missing ones.
+
+    ``framework``: "pt" (torch tensors) or "np" (numpy arrays; torch is not imported)."""
+    if framework not in ("pt", "np"):
+        raise ValueError(f"framework must be 'pt' or 'np', got {framework!r}")
     from safetensors import safe_open  # noqa: PLC0415
 
     path = Path(path)
@@ -83,8 +107,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.is_dir():
         raise ValueError(f"model path {path} is a folder, not a model file")
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors: dict[str, Any] = {}
+        with safe_open(str(path), framework=framework, device="cpu") as f:
             metadata = f.metadata() or {}
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)

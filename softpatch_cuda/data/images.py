@@ -18,51 +18,17 @@ import torch
 from PIL import Image
 from .._validation import is_int
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-# ---------------------------------------------------------------------------- files
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. High-bit-depth grey ('I;16*', 'I', 'F') is scaled,
-    not clipped: PIL's own convert('RGB') would saturate 16-bit values at 255."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16"):
-            arr = arr / 257.0  # 65535 -> 255
-        elif mode == "F" and np.nanmax(arr, initial=0.0) <= 1.0:
-            arr = arr * 255.0  # float image in [0, 1]
-        elif np.nanmax(arr, initial=0.0) > 255:
-            arr = arr / 257.0  # 32-bit container holding 16-bit data (PIL's PNG decoder)
-        grey = np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    # RGBA / LA: alpha dropped (as PatchCore and torchvision loaders do); CMYK, YCbCr, 1, L, P: converted.
-    return img.convert("RGB")
-
-
-def _open(path: str | os.PathLike) -> Image.Image:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"expected an image file, got a folder: {path}")
-    try:
-        img = Image.open(path)
-        img.load()  # decode now so truncated / corrupt files fail here, with the path
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"corrupt or unreadable image: {path} ({exc})") from exc
-    return img
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Load an image file as 8-bit RGB (grayscale, RGBA, palette, 16-bit, CMYK converted)."""
-    return _to_rgb(_open(path))
+from .._pixels import (  # noqa: F401 -- torch-free file helpers, re-exported here
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _centre_box,
+    _is_image_file,
+    _open,
+    _to_rgb,
+    list_images,
+    load_image,
+)
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
@@ -73,36 +39,7 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     return arr != 0
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
-    """Sorted image files in `folder` (extensions: IMAGE_EXTENSIONS, any case)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    if not folder.is_dir():
-        raise ValueError(f"not a folder: {folder}")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(str(p) for p in candidates if _is_image_file(p))
-    if not files:
-        raise ValueError(
-            f"no images in folder {folder}{' (searched recursively)' if recursive else ''}; "
-            f"looked for files ending in {', '.join(IMAGE_EXTENSIONS)}"
-        )
-    return files
-
-
 # ------------------------------------------------------------------------ transform
-def _centre_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    if crop > width or crop > height:
-        raise ValueError(f"crop {crop} is larger than the (resized) image {width}x{height}")
-    left = int(round((width - crop) / 2.0))
-    top = int(round((height - crop) / 2.0))
-    return left, top, left + crop, top + crop
-
-
 @dataclass(frozen=True)
 class ImageTransform:
     """Resize to resize x resize (bilinear, antialiased), centre-crop crop x crop,

@@ -40,6 +40,30 @@ def leave_out_scores(embeddings: torch.Tensor, bank: MemoryBank, images: np.ndar
     return torch.cat(scores).numpy().astype(np.float32)
 
 
+def choose_calibration_images(flagged: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted indices of the calibration images: up to CALIBRATION_IMAGES images the
+    training report does not flag (any images when fewer than 2 are unflagged), seeded."""
+    flagged = np.asarray(flagged, dtype=bool)
+    candidates = np.flatnonzero(~flagged)
+    if candidates.size < 2:
+        candidates = np.arange(flagged.size)
+    rng = np.random.default_rng(seed + 17)
+    return np.sort(rng.choice(candidates, size=min(CALIBRATION_IMAGES, candidates.size), replace=False))
+
+
+def calibration_group(n_images: int) -> int:
+    """Images left out together per k-NN call; with very few training images a group
+    would exclude most of the bank, so they are scored one at a time."""
+    return CALIBRATION_GROUP if n_images >= 4 * CALIBRATION_GROUP else 1
+
+
+def threshold_from_scores(calib: np.ndarray) -> float:
+    """The threshold from the calibration images' scores (their maximum below 3 scores)."""
+    if calib.size < 3:
+        return float(calib.max())
+    return robust_limit(calib, THRESHOLD_MAD_FACTOR)
+
+
 def calibrate_threshold(embeddings: torch.Tensor, bank: MemoryBank, flagged: np.ndarray, seed: int,
                         image_score: str = "max", image_ids: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """(threshold, the calibration images' scores) from ``embeddings`` [N, h, w, D] of
@@ -47,14 +71,6 @@ def calibrate_threshold(embeddings: torch.Tensor, bank: MemoryBank, flagged: np.
     n = embeddings.shape[0]
     if n < 2:
         raise ValueError("threshold calibration needs at least 2 training images")
-    candidates = np.flatnonzero(~np.asarray(flagged, dtype=bool))
-    if candidates.size < 2:
-        candidates = np.arange(n)
-    rng = np.random.default_rng(seed + 17)
-    chosen = np.sort(rng.choice(candidates, size=min(CALIBRATION_IMAGES, candidates.size), replace=False))
-    # with very few images a group would exclude most of the bank: score one at a time
-    group = CALIBRATION_GROUP if n >= 4 * CALIBRATION_GROUP else 1
-    calib = leave_out_scores(embeddings, bank, chosen, image_score, group, image_ids)
-    if calib.size < 3:
-        return float(calib.max()), calib
-    return robust_limit(calib, THRESHOLD_MAD_FACTOR), calib
+    chosen = choose_calibration_images(flagged, seed)
+    calib = leave_out_scores(embeddings, bank, chosen, image_score, calibration_group(n), image_ids)
+    return threshold_from_scores(calib), calib

@@ -39,9 +39,10 @@ def _ranks(a: np.ndarray) -> np.ndarray:
     return (r / max(flat.size - 1, 1)).reshape(a.shape)
 
 
-def _reference(raw: dict, banks: list[tuple[str, float, str, str]], mad_factor: float, weight_mode: str):
+def _reference(raw: dict, banks: list[tuple[str, float, str, str]], mad_factor: float, weight_mode: str,
+               weight_fusion: str = "mean"):
     """Plain reading: order = mean rank (one discriminator: its score); a bank removes its
-    top fraction, gated or not; outlier weights = max(1, mean_d s_d / (med_d + 3 MAD_d))."""
+    top fraction, gated or not; outlier weights = max(1, mean_d (or min_d) s_d / (med_d + 3 MAD_d))."""
     arrays = [v.numpy().astype(np.float64) for v in raw.values()]
     order = arrays[0] if len(arrays) == 1 else np.mean([_ranks(a) for a in arrays], axis=0)
     total = order.size
@@ -65,7 +66,8 @@ def _reference(raw: dict, banks: list[tuple[str, float, str, str]], mad_factor: 
             f = a.reshape(-1)
             med = _lower_median(f)
             parts.append(f / (med + 3.0 * 1.4826 * _lower_median(np.abs(f - med))))
-        out[name] = (~removed, np.maximum(np.mean(parts, axis=0), 1.0))
+        combined = np.min(parts, axis=0) if weight_fusion == "min" else np.mean(parts, axis=0)
+        out[name] = (~removed, np.maximum(combined, 1.0))
     # report: mean over discriminators of score / median, top 5 % mean per image, robust flag with floor
     ev = np.mean([a / _lower_median(a) for a in arrays], axis=0).reshape(arrays[0].shape[0], -1)
     top = int(math.ceil(REPORT_TOP_FRACTION * ev.shape[1]))
@@ -77,12 +79,14 @@ def _reference(raw: dict, banks: list[tuple[str, float, str, str]], mad_factor: 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("removal, gate", [("gated", "any"), ("gated", "all"), ("fixed", "any"), ("none", "any")])
-def test_plan_banks_matches_plain_reference(seed, removal, gate):
+@pytest.mark.parametrize("weight_fusion", ["mean", "min"])
+def test_plan_banks_matches_plain_reference(seed, removal, gate, weight_fusion):
     raw = _scores(24, 7, 9, seed, outlier_images=(3, 11, 17))
     banks = [("cls", 0.15, removal, gate), ("seg", 0.2, "fixed", "any")]
-    spec = DenoiseSpec(banks=tuple(BankSpec(n, f, removal=r, gate=g) for n, f, r, g in banks), removal_mad=6.0)
+    spec = DenoiseSpec(banks=tuple(BankSpec(n, f, removal=r, gate=g) for n, f, r, g in banks), removal_mad=6.0,
+                       weight_fusion=weight_fusion)
     got = plan_banks(raw, spec)
-    want, img, flagged = _reference(raw, banks, 6.0, "outlier")
+    want, img, flagged = _reference(raw, banks, 6.0, "outlier", weight_fusion)
     for name in ("cls", "seg"):
         np.testing.assert_array_equal(got.kept[name].numpy(), want[name][0])
         np.testing.assert_allclose(got.weights[name].numpy(), want[name][1], rtol=1e-5)
@@ -124,3 +128,22 @@ def test_softpatch_single_discriminator_orders_by_raw_score():
     expected = torch.zeros_like(flat, dtype=torch.bool)
     expected[flat.topk(count).indices] = True
     assert torch.equal(~res.kept["cls"], expected)
+
+
+def test_min_weight_fusion_needs_every_discriminator():
+    """A patch that only one discriminator calls an outlier keeps weight 1 under "min"
+    and weighs more under "mean"; a patch both call outliers weighs more under both."""
+    raw = _scores(20, 6, 6, 4)
+    raw["gaussian"][2, 1, 1] += 40.0  # only the Gaussian discriminator sees it
+    raw["lof"][5, 3, 3] += 40.0
+    raw["gaussian"][5, 3, 3] += 40.0  # both see it
+    one, both = 2 * 36 + 1 * 6 + 1, 5 * 36 + 3 * 6 + 3
+    weights = {}
+    for fusion in ("mean", "min"):
+        spec = DenoiseSpec(banks=(BankSpec("cls", 0.0, removal="none"),), weight_fusion=fusion)
+        weights[fusion] = plan_banks(raw, spec).weights["cls"]
+    assert weights["mean"][one] > 1.5 and weights["min"][one] == 1.0
+    assert weights["mean"][both] > 1.5 and weights["min"][both] > 1.5
+    assert bool((weights["min"] <= weights["mean"]).all())
+    assert SoftPatchPlusConfig().denoise_spec().weight_fusion == "min"
+    assert SoftPatchPlusConfig.from_options(preset="paper").denoise_spec().weight_fusion == "mean"

@@ -231,6 +231,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="softpatch-plus: segmentation bank gate (default none: its whole top share goes)")
     d.add_argument("--weight-mode", choices=("outlier", "clamped", "median"),
                    help="soft weights: outlier (default; 1 for inliers), clamped, median (the papers)")
+    d.add_argument("--weight-fusion", choices=("min", "mean"),
+                   help="softpatch-plus: combine the discriminators' soft weights by min (default: every "
+                        "discriminator must call a patch an outlier) or mean (the papers)")
     d.add_argument("--no-soft-weights", action="store_true", help="no soft weights (distances unscaled)")
     d.add_argument("--alignment", choices=("auto", "position", "window", "global"),
                    help="which training patches are compared: auto (default), position (the paper), "
@@ -401,6 +404,7 @@ _DENOISING_OPTIONS: dict[str, dict[str, str]] = {
     "removal_mad": {"softpatch": "removal_mad", "softpatch-plus": "removal_mad"},
     "seg_removal_gate": {"softpatch-plus": "seg_removal_gate"},
     "weight_mode": {"softpatch": "weight_mode", "softpatch-plus": "weight_mode"},
+    "weight_fusion": {"softpatch-plus": "weight_fusion"},
     "alignment": {"softpatch": "alignment", "softpatch-plus": "alignment"},
     "lof_k": {"softpatch": "lof_k", "softpatch-plus": "lof_k"},
 }

@@ -22,6 +22,7 @@ from .policy import (
     FUSIONS,
     RANK_SCOPES,
     REMOVALS,
+    WEIGHT_FUSIONS,
     WEIGHT_MODES,
     BankSpec,
     DenoiseResult,
@@ -35,7 +36,7 @@ from .policy import (
 )
 
 __all__ = [
-    "ALIGNMENTS", "DISCRIMINATORS", "FUSIONS", "RANK_SCOPES", "REMOVALS", "WEIGHT_MODES",
+    "ALIGNMENTS", "DISCRIMINATORS", "FUSIONS", "RANK_SCOPES", "REMOVALS", "WEIGHT_FUSIONS", "WEIGHT_MODES",
     "BankSpec", "DenoiseResult", "DenoiseSpec", "DiscriminatorSettings", "PatchScores",
     "alignment_statistic", "check_alignment", "check_discriminator", "check_shrinkage", "contamination_scores",
     "fuse", "min_images", "outlier_scores", "plan_banks", "rank_normalise", "resolve_alignment",

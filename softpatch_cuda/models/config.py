@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from .._validation import check_bool, check_choice, check_int, check_number
 from ..data.images import ImageTransform
 from ..denoise import (
-    ALIGNMENTS, DISCRIMINATORS, FUSIONS, RANK_SCOPES, WEIGHT_MODES, BankSpec, DenoiseSpec, DiscriminatorSettings,
+    ALIGNMENTS, DISCRIMINATORS, FUSIONS, RANK_SCOPES, WEIGHT_FUSIONS, WEIGHT_MODES, BankSpec, DenoiseSpec, DiscriminatorSettings,
     check_shrinkage,
 )
 from ..memory_bank import DISTANCES, IMAGE_SCORES
@@ -220,7 +220,9 @@ class SoftPatchPlusConfig(_DenoisingConfig):
     (``cls_threshold`` may be removed, gated by ``removal_mad``) scores images, a
     segmentation bank (``seg_threshold`` removed; ``seg_removal_gate``: "none" -- the
     whole top fraction, also what the classification bank removes -- or the robust-outlier
-    gate in "any" / "all" discriminators) makes the maps."""
+    gate in "any" / "all" discriminators) makes the maps. ``weight_fusion``: how the
+    discriminators' soft weights combine, "min" (a patch weighs more than 1 only where
+    every discriminator calls it an outlier) or "mean" (the papers' fused score)."""
 
     discriminators: tuple[str, ...] = ("lof", "gaussian")
     fusion: str = "mean"
@@ -228,6 +230,7 @@ class SoftPatchPlusConfig(_DenoisingConfig):
     seg_threshold: float = 0.2
     rank_scope: str = "global"
     seg_removal_gate: str = "none"
+    weight_fusion: str = "min"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -246,6 +249,7 @@ class SoftPatchPlusConfig(_DenoisingConfig):
         check_number("seg_threshold", self.seg_threshold, 0.0, 1.0, hi_open=True)
         check_choice("rank_scope", self.rank_scope, RANK_SCOPES)
         check_choice("seg_removal_gate", self.seg_removal_gate, SEG_GATES)
+        check_choice("weight_fusion", self.weight_fusion, WEIGHT_FUSIONS)
 
     def discriminator_settings(self) -> DiscriminatorSettings:
         return self._settings(self.discriminators)
@@ -254,7 +258,7 @@ class SoftPatchPlusConfig(_DenoisingConfig):
         return DenoiseSpec(
             banks=(self._bank("cls", self.cls_threshold), self._bank("seg", self.seg_threshold, self.seg_removal_gate)),
             fusion=self.fusion, rank_scope=self.rank_scope, removal_mad=self.removal_mad or 0.0,
-            weight_mode=self.weight_mode,
+            weight_mode=self.weight_mode, weight_fusion=self.weight_fusion,
         )
 
 
@@ -271,7 +275,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "SoftPatchConfig": dict(_PAPER_COMMON, **_PAPER_DENOISING, discriminator="lof", noise_threshold=0.15),
     "SoftPatchPlusConfig": dict(_PAPER_COMMON, **_PAPER_DENOISING, discriminators=("lof", "gaussian"),
                                 cls_threshold=0.15, seg_threshold=0.5, rank_scope="position",
-                                seg_removal_gate="any", gaussian_shrinkage=0.1),
+                                seg_removal_gate="any", gaussian_shrinkage=0.1, weight_fusion="mean"),
 }
 
 

@@ -72,7 +72,16 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: 
             kwargs.update(num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": path}})
         else:
             kwargs["address"] = address
-        ray.init(**kwargs)
+        # ray.init puts the driver's current folder first on the workers' import path: from
+        # a repository root the workers would import the source tree (no compiled module)
+        # instead of the installed package. Start Ray from the folder holding the package
+        # this process imported.
+        here = os.getcwd()
+        try:
+            os.chdir(_package_parent())
+            ray.init(**kwargs)
+        finally:
+            os.chdir(here)
         started = True
     quieted = []
     try:

@@ -24,7 +24,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,6 +33,7 @@ from PIL import Image
 
 from . import _core
 from ._pixels import IMAGENET_MEAN, IMAGENET_STD, _to_rgb, list_images, load_image, model_input
+from .results import Prediction
 from .serialization import read_model_file
 
 MAP_SIGMA = 4.0  # the torch path's softpatch_cuda.postprocess.MAP_SIGMA (a test holds them equal)
@@ -208,23 +209,9 @@ class NumpyBank:
 
 
 # ------------------------------------------------------------------ the predictor
-@dataclass
-class DeployPrediction:
-    """What :meth:`OnnxDetector.predict` returns (the fields of :class:`softpatch_cuda.Prediction`)."""
-
-    names: list[str]
-    scores: np.ndarray
-    threshold: float
-    is_anomalous: np.ndarray
-    maps: np.ndarray
-    sources: list[str | None] = field(default_factory=list)
-    patch_scores: np.ndarray | None = None
-    input_sizes: list[tuple[int, int]] = field(default_factory=list)
-    resize: int | None = None
-    crop: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.names)
+class DeployPrediction(Prediction):
+    """What :meth:`OnnxDetector.predict` returns: a :class:`softpatch_cuda.Prediction`
+    whose maps go back onto the original images with numpy instead of torch."""
 
     def map_at_input_size(self, i: int, out_size: tuple[int, int] | None = None) -> np.ndarray:
         if not -len(self) <= i < len(self):

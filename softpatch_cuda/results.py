@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .postprocess import map_to_input_size
 
 
 @dataclass
@@ -48,6 +47,8 @@ class Prediction:
             raise IndexError(f"image index {i} out of range for a prediction of {len(self)} images")
         if not self.input_sizes:
             raise ValueError("this Prediction carries no input sizes; map_at_input_size is unavailable")
+        from .postprocess import map_to_input_size  # torch: imported on use (deploy reads results without it)
+
         return map_to_input_size(self.maps[i], self.input_sizes[i], self.resize, self.crop, out_size)
 
     def to_rows(self) -> list[dict]:

@@ -72,7 +72,11 @@ def load_graph(path: str | os.PathLike, threads: int | None = None) -> Graph:
                     "stride"):
             if model.has_rt_info(["softpatch_cuda", key]):
                 meta[key] = model.get_rt_info(["softpatch_cuda", key]).astype(str)
-        config = {} if threads is None else {"INFERENCE_NUM_THREADS": int(threads)}
+        # f32 inference: on CPUs with native bf16 (AMX, AVX512-BF16) OpenVINO otherwise
+        # defaults to bf16, and the scores would drift from the torch path's
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
         compiled = core.compile_model(model, "CPU", config)
         output = compiled.output(0)
         return Graph(lambda x: np.asarray(compiled(x)[output]), meta, "openvino", str(path))

@@ -28,15 +28,15 @@ GPU_PEAKS = {
 
 
 def import_softpatch_cuda():
-    """Import the installed package; fall back to this source tree (developer build with
-    the compiled module next to the sources) only when none is installed."""
+    """Import the installed package; fall back to this checkout's src/ (a developer build
+    puts the compiled module there) only when none is installed."""
     import importlib
     import sys
 
     try:
         return importlib.import_module("softpatch_cuda")
     except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
         sys.modules.pop("softpatch_cuda", None)
         return importlib.import_module("softpatch_cuda")
 

@@ -225,14 +225,11 @@ def run_memory(args: argparse.Namespace) -> None:
                       image_size=224, seed=0)
     data = str(Path(tmp.name) / "nut" / "train" / "good")
     rows = []
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep +
-               os.environ.get("PYTHONPATH", ""))
     for n in counts:
         for mode in ("ordinary", "bounded"):
             load_before = load()
             proc = subprocess.run([sys.executable, __file__, "_memory_point", "--data", data, "--count", str(n),
-                                   "--mode", mode, "--max-memory", args.max_memory], capture_output=True, text=True,
-                                  env=env)
+                                   "--mode", mode, "--max-memory", args.max_memory], capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 raise RuntimeError(f"memory point {n} {mode} failed: {proc.stderr[-2000:]}")

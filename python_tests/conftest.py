@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import softpatch_cuda
 from softpatch_cuda import cuda_available, cuda_unavailable_reason
-
-
-def package_env() -> dict:
-    """Environment for subprocesses: import the same softpatch_cuda these tests import
-    (installed, or the developer build), never a source tree that lacks the compiled
-    module. Run such subprocesses with a cwd outside the repository."""
-    package_parent = str(Path(softpatch_cuda.__file__).resolve().parents[1])
-    return dict(os.environ, PYTHONPATH=package_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import package_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_kernels.py"
@@ -26,7 +25,7 @@ def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, env=package_env(), cwd=out,
+        capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     jsons, mds = sorted(out.glob("*-cpu-*.json")), sorted(out.glob("*-cpu-*.md"))
@@ -80,7 +79,7 @@ def test_machine_info_and_markdown(quick_results):
 
 def test_bad_ops_argument_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--ops", "knn,bogus"], capture_output=True, text=True,
-                          timeout=60, env=package_env(), cwd=tmp_path)
+                          timeout=60)
     assert proc.returncode != 0 and "bogus" in proc.stderr
 
 
@@ -89,7 +88,7 @@ def test_bench_load_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_load.py"), "--loads", "0,1", "--models", "patchcore",
          "--n-train", "6", "--n-test", "3", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=package_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("load_*.json")

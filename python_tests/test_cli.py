@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import package_env
 from softpatch_cuda import cli
 from softpatch_cuda.demo import app as demo_app
 
@@ -28,7 +27,7 @@ TINY_MODEL = ["--backbone", "resnet18", "--layers", "layer2,layer3", "--no-pretr
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "softpatch_cuda", *args], capture_output=True, text=True,
-                          timeout=timeout, env=package_env(), cwd=cwd)
+                          timeout=timeout)
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -216,8 +216,6 @@ def test_bench_accuracy_smoke(tmp_path):
     import subprocess
     import sys
 
-    from conftest import package_env
-
     pytest.importorskip("softpatch_cuda.demo")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py"
     out = tmp_path / "res"
@@ -226,7 +224,7 @@ def test_bench_accuracy_smoke(tmp_path):
          "--models", "patchcore,softpatch-plus", "--backbone", "resnet18", "--no-pretrained", "--image-size", "32",
          "--n-train", "8", "--n-test-good", "2", "--n-test-defect", "4", "--no-aupro", "--name", "smoke",
          "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=package_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "accuracy_smoke.json").read_text())

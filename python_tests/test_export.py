@@ -8,6 +8,7 @@ the transform and the map post-processing equal the torch ones.
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ from PIL import Image
 pytest.importorskip("onnx", reason="onnx is a test extra: pip install '.[test]'")
 pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra: pip install '.[test]'")
 
-from conftest import package_env  # noqa: E402
 from softpatch_cuda import SoftPatch, SoftPatchPlus, cli, load_model, postprocess  # noqa: E402
 from softpatch_cuda import deploy  # noqa: E402
 from softpatch_cuda.data.images import ImageTransform  # noqa: E402
@@ -115,8 +115,7 @@ def test_the_predictor_runs_where_torch_cannot_be_imported(exported, demo, tmp_p
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('torch is not available here')\n")
     model_path, graph_path, model = exported["resnet18"]
-    env = package_env()
-    env["PYTHONPATH"] = str(tmp_path / "shim") + ":" + env["PYTHONPATH"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path / "shim"), os.environ.get("PYTHONPATH")) if p))
     images = demo["grass"][1]
     code = (
         "import sys, json\n"

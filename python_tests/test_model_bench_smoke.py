@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import package_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_pipeline.py"
@@ -19,7 +18,7 @@ SCRIPT = ROOT / "benchmarks" / "bench_pipeline.py"
 def test_bench_pipeline_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--models", "softpatch", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=package_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (json_path,) = tmp_path.glob("*-cpu-*.json")

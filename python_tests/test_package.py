@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import package_env
 
 
 def test_import_loads_neither_demo_nor_scipy(tmp_path):
@@ -15,8 +14,7 @@ def test_import_loads_neither_demo_nor_scipy(tmp_path):
         "               or m.startswith('softpatch_cuda.demo'))\n"
         "print(','.join(heavy))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=package_env(),
-                         cwd=tmp_path, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"import softpatch_cuda loaded: {out.stdout.strip()}"
 

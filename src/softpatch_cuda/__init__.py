@@ -7,28 +7,11 @@ see :mod:`softpatch_cuda.ops`.
 
 from __future__ import annotations
 
-
-def _source_tree_message(exc: ImportError) -> str:
-    """Why _core is missing: an installed copy shadowed by this source tree, or no build."""
-    from importlib import metadata
-
-    here = __path__[0]
-    try:
-        installed = metadata.distribution("softpatch-cuda").locate_file("softpatch_cuda")
-    except metadata.PackageNotFoundError:
-        installed = None
-    if installed is not None and str(installed) != here:
-        return (f"softpatch_cuda is installed in {installed}, but Python imported the source tree {here}, which "
-                "has no compiled module (the current folder is probably the repository root): run from another "
-                "folder, or install in editable mode (pip install -e .)")
-    return (f"softpatch_cuda's compiled module _core could not be imported from {here} ({exc}). "
-            "Install the package (pip install .) or build it in place (see README, 'Developer build').")
-
-
 try:
     from . import _core
-except ImportError as exc:  # a source tree without its compiled module
-    raise ImportError(_source_tree_message(exc)) from exc
+except ImportError as exc:  # a checkout that was never built
+    raise ImportError(f"softpatch_cuda's compiled module _core is missing ({exc}): install the package "
+                      "(pip install .) or build it in place (README, 'Building from source')") from exc
 from ._core import CudaError
 from ._version import __version__
 

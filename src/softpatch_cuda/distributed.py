@@ -51,10 +51,6 @@ def _ray():
 
 
 # ------------------------------------------------------------------ the Ray instance
-def _package_parent() -> str:
-    return str(Path(__file__).resolve().parents[1])
-
-
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> Iterator[Any]:
     """Use the running Ray instance, or connect to ``address`` ("auto", "ray://host:port",
@@ -66,22 +62,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: 
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR if quiet else logging.WARNING,
                                   "log_to_driver": not quiet}
         if address in (None, "local"):
-            # workers import the same softpatch_cuda as this process (an installed copy,
-            # or a developer build next to its sources)
-            path = os.pathsep.join(p for p in (_package_parent(), os.environ.get("PYTHONPATH")) if p)
-            kwargs.update(num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": path}})
+            kwargs["num_cpus"] = num_cpus
         else:
             kwargs["address"] = address
-        # ray.init puts the driver's current folder first on the workers' import path: from
-        # a repository root the workers would import the source tree (no compiled module)
-        # instead of the installed package. Start Ray from the folder holding the package
-        # this process imported.
-        here = os.getcwd()
-        try:
-            os.chdir(_package_parent())
-            ray.init(**kwargs)
-        finally:
-            os.chdir(here)
+        ray.init(**kwargs)
         started = True
     quieted = []
     try:

@@ -5,18 +5,20 @@ tensors through ``Tensor.numpy()``, i.e. a shared-memory view); CUDA arrays
 (torch, CuPy) go as raw device pointers with the caller's current stream.
 Nothing is converted silently: a wrong dtype is a TypeError naming the argument.
 Outputs are allocated in the caller's framework on the caller's device.
+
+torch is never imported here: a torch tensor can only arrive once its caller imported
+torch, so the torch branches find the module in ``sys.modules`` (the torch-free
+predictor runs the same validated ops on numpy arrays).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-_NP_FLOAT = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
-_TORCH_FLOAT = {torch.float32: "float32", torch.float16: "float16"}
 DTYPE_CODE = {"float32": 0, "float16": 1}  # must match sp::DType
 
 
@@ -36,6 +38,28 @@ class Arr:
         return len(self.shape)
 
 
+def _torch() -> Any:
+    """The torch module when it is loaded, else None (then no argument can be a tensor)."""
+    return sys.modules.get("torch")
+
+
+def is_tensor(x: Any) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host numpy array of ``x``: numpy as it is, CPU tensors as a shared-memory view,
+    device arrays copied to the host."""
+    if isinstance(x, np.ndarray):
+        return x
+    if is_tensor(x):
+        return x.detach().cpu().numpy()
+    if _is_cupy(x):
+        return x.get()
+    return np.asarray(x)
+
+
 def _is_cupy(x: Any) -> bool:
     return type(x).__module__.startswith("cupy") and hasattr(x, "__cuda_array_interface__")
 
@@ -44,7 +68,7 @@ def wrap(x: Any, op: str, name: str) -> Arr:
     """Classify ``x`` (numpy / torch / CuPy) without copying it."""
     if isinstance(x, np.ndarray):
         return Arr(x, "numpy", "cpu", -1, str(x.dtype), tuple(x.shape))
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         dev = x.device
         if dev.type not in ("cpu", "cuda"):
             raise TypeError(f"{op}: argument '{name}' is on device {dev}; only cpu and cuda are supported")
@@ -78,13 +102,13 @@ def check_nonempty(a: Arr, op: str, name: str) -> None:
 
 def check_finite(a: Arr, op: str, name: str) -> None:
     x = a.obj
-    if a.framework == "torch" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.float64):
+    if a.framework == "torch" and x.device.type == "cpu" and a.dtype in ("float32", "float16", "float64"):
         x = x.detach().numpy()  # shares memory; numpy's reductions are ~25x faster than torch.isfinite here
     if isinstance(x, np.ndarray):
         # min/max propagate NaN and expose inf: two passes, no temporary bool array.
         ok = x.size == 0 or bool(np.isfinite(x.min()) and np.isfinite(x.max()))
     elif a.framework == "torch":
-        ok = bool(torch.isfinite(x).all())
+        ok = bool(_torch().isfinite(x).all())
     else:
         import cupy  # noqa: PLC0415  (only reachable with a CuPy input)
 
@@ -98,7 +122,7 @@ def check_weights(a: Arr, op: str, name: str) -> None:
     says -- one min/max pass."""
     x = a.obj
     if a.framework == "torch":
-        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        lo, hi = (float(v) for v in _torch().aminmax(x.detach()))
     else:  # numpy or CuPy; min/max propagate NaN
         lo, hi = float(x.min()), float(x.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -143,6 +167,7 @@ def empty_like_framework(ref: Arr, shape: tuple, dtype: str) -> Any:
     if ref.framework == "numpy":
         return np.empty(shape, dtype=dtype)
     if ref.framework == "torch":
+        torch = _torch()
         dev = torch.device(ref.device, ref.device_index) if ref.device == "cuda" else torch.device("cpu")
         return torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
     import cupy  # noqa: PLC0415
@@ -153,7 +178,7 @@ def empty_like_framework(ref: Arr, shape: tuple, dtype: str) -> Any:
 
 def out_view(out: Any) -> np.ndarray:
     """Writable numpy view of a freshly allocated CPU output (numpy or torch)."""
-    return out.numpy() if isinstance(out, torch.Tensor) else out
+    return out if isinstance(out, np.ndarray) else out.numpy()
 
 
 # ---------------------------------------------------------------- CUDA side
@@ -161,14 +186,14 @@ def device_ptr(x: Any) -> int:
     """Raw device pointer of a C-contiguous CUDA array (0 for None)."""
     if x is None:
         return 0
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         return int(x.data_ptr())
     return int(x.__cuda_array_interface__["data"][0])
 
 
 def numel(x: Any) -> int:
     """Number of elements of a CUDA array (torch or CuPy)."""
-    return int(x.numel()) if isinstance(x, torch.Tensor) else int(x.size)
+    return int(x.numel()) if is_tensor(x) else int(x.size)
 
 
 def device_contiguous(a: Arr) -> Any:
@@ -184,7 +209,7 @@ def device_contiguous(a: Arr) -> Any:
 def current_stream(ref: Arr) -> int:
     """The caller's current CUDA stream on ``ref``'s device, as an integer handle."""
     if ref.framework == "torch":
-        return int(torch.cuda.current_stream(ref.device_index).cuda_stream)
+        return int(_torch().cuda.current_stream(ref.device_index).cuda_stream)
     import cupy  # noqa: PLC0415
 
     return int(cupy.cuda.get_current_stream().ptr)
@@ -199,7 +224,7 @@ class device_guard:  # noqa: N801  (used as a context manager)
 
     def __enter__(self):
         if self.ref.framework == "torch":
-            self._ctx = torch.cuda.device(self.ref.device_index)
+            self._ctx = _torch().cuda.device(self.ref.device_index)
         else:
             import cupy  # noqa: PLC0415
 

@@ -4,6 +4,9 @@ CPU arrays (numpy, torch CPU) run the C++ kernels; CUDA arrays (torch, CuPy) run
 the CUDA kernels on the caller's current stream. Results come back in the
 caller's framework and on the caller's device.
 
+torch is imported only when a tensor arrives (see :mod:`._interop`), so the ops serve
+numpy callers where torch is not installed.
+
 Common rules: float32 inputs everywhere; float16 accepted by ``pairwise_sqdist``,
 ``knn`` and ``kcenter_greedy`` (on the CPU it is upcast to float32 for the
 computation); no other dtype is converted -- a wrong dtype raises TypeError.
@@ -17,7 +20,6 @@ import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from . import _core
 from . import _interop as io
@@ -354,6 +356,8 @@ def kcenter_greedy_approx(
         )
         return out[:count]
     if X.framework == "torch":
+        import torch  # noqa: PLC0415 -- loaded already: X is a tensor
+
         dev_anchors = torch.from_numpy(anchors).to(X.obj.device)
     else:
         import cupy  # noqa: PLC0415

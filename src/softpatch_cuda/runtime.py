@@ -2,15 +2,16 @@
 
 Probed lazily and cached: importing softpatch_cuda never touches CUDA. torch may
 see a GPU that our CUDA 13 kernels cannot use (older driver), so "auto" asks the
-compiled module, not only torch.
+compiled module, not only torch. torch is imported by the functions that return or set
+torch objects, not by this module (the torch-free predictor uses the thread budget).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-
-import torch
+import sys
+from typing import Any
 
 from . import _core
 
@@ -28,6 +29,10 @@ def _probe() -> tuple[bool, str]:
     probe = _core.cuda_probe()
     if probe["device_count"] == 0:
         return False, probe["reason"] or "no CUDA device"
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        return False, "torch is not installed (the CUDA path runs on torch tensors)"
     if not torch.cuda.is_available():
         return False, "torch cannot use the GPU (CPU-only torch build or driver mismatch)"
     return True, ""
@@ -43,12 +48,14 @@ def cuda_unavailable_reason() -> str:
     return _probe()[1]
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+def resolve_device(device: Any = "auto") -> Any:
     """Map "auto" | "cpu" | "cuda" | "cuda:N" | torch.device to a torch.device.
 
     "auto" picks CUDA only when :func:`cuda_available`; an explicit "cuda" on a
     machine without a usable GPU raises a RuntimeError that says why.
     """
+    import torch  # noqa: PLC0415
+
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda") if cuda_available() else torch.device("cpu")
     try:
@@ -117,19 +124,23 @@ def choose_threads(requested: int | str | None = "auto") -> int:
 
 class thread_budget:  # noqa: N801 -- a context manager
     """Within the block torch (and, through the shared OpenMP runtime, the C++ kernels)
-    use :func:`choose_threads` threads; the previous setting comes back after."""
+    use :func:`choose_threads` threads; the previous setting comes back after. Where
+    torch is not loaded (the torch-free predictor) nothing is set and the block gets
+    the count."""
 
     def __init__(self, requested: int | str | None = "auto"):
         self.requested = requested
 
     def __enter__(self) -> int:
-        self._previous = torch.get_num_threads()
+        self._torch = sys.modules.get("torch")
         self.threads = choose_threads(self.requested)
-        if self.threads != self._previous:
-            torch.set_num_threads(self.threads)
+        if self._torch is not None:
+            self._previous = self._torch.get_num_threads()
+            if self.threads != self._previous:
+                self._torch.set_num_threads(self.threads)
         return self.threads
 
     def __exit__(self, *exc) -> bool:
-        if torch.get_num_threads() != self._previous:
-            torch.set_num_threads(self._previous)
+        if self._torch is not None and self._torch.get_num_threads() != self._previous:
+            self._torch.set_num_threads(self._previous)
         return False

@@ -296,6 +296,7 @@ class FeatureExtractor(torch.nn.Module):
         self.channels = [channels[i] for i in out_indices]
         self.strides = [strides[i] for i in out_indices]
         self.pretrained = bool(pretrained)
+        self._fingerprint: str | None = None
         # stored resolved: a model fitted with a relative path loads from anywhere
         self.weights_path = str(Path(weights).expanduser().resolve()) if weights is not None else None
 
@@ -357,7 +358,12 @@ class FeatureExtractor(torch.nn.Module):
     def fingerprint(self) -> str:
         """SHA-256 of the architecture, the layers read and the weights (every parameter
         and buffer: name, dtype, shape, bytes), stored in model files so that other
-        weights or layers are never used silently."""
+        weights or layers are never used silently. Hashed once: the weights are frozen."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash_weights()
+        return self._fingerprint
+
+    def _hash_weights(self) -> str:
         digest = hashlib.sha256(f"{self.backbone_name}\0{','.join(self.layers)}\0".encode())
         for name, tensor in self.model.state_dict().items():
             t = tensor.detach().to("cpu").contiguous()

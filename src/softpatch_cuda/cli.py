@@ -1,13 +1,19 @@
-"""The ``softpatch`` command line: fit, predict, evaluate, demo.
+"""The ``softpatch`` command line: fit, predict, export, evaluate, demo.
 
 User errors (missing files, bad arguments, ValueError / FileNotFoundError from the
 library) end with exit code 2 and one line ``softpatch: error: ...`` on stderr; other
 failures with exit code 1 and one line. ``-v`` adds debug logging and tracebacks.
+
+The model options are generated from the config classes' fields (their metadata:
+flag, help, parser, check; :func:`softpatch_cuda.models.config.option`). Torch and the
+models are imported by the commands that need them: ``softpatch --help`` and
+``softpatch predict ... --graph`` run where torch is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -17,9 +23,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .deploy.formats import FORMAT_NAMES, GRAPH_FORMATS, graph_format
 from .errors import UsageError
 from .models.config import PRESETS
-from .models.registry import CLI_NAMES, kind_by_cli_name
+from .models.registry import CLI_NAMES, MODEL_KINDS, kind_by_cli_name
 
 PROG = "softpatch"
 DATASET_CHOICES = ("mvtec", "visa", "btad", "folder")
@@ -81,9 +88,8 @@ examples:
 
 EXPORT_EPILOG = """\
 Writes the backbone + patch embedding as a graph; the memory bank, weights, threshold and
-transform stay in the model file. Serve both without torch: softpatch_cuda.deploy.OnnxDetector
-in Python, 'python -m softpatch_cuda.deploy MODEL GRAPH IMAGES --out DIR', or 'softpatch predict
-MODEL IMAGES --graph GRAPH'.
+transform stay in the model file. Serve both without torch: 'softpatch predict MODEL IMAGES
+--graph GRAPH', or softpatch_cuda.deploy.OnnxDetector in Python.
 
 examples:
   softpatch export bottle.softpatch                         # bottle.onnx
@@ -115,18 +121,6 @@ examples:
   softpatch demo --out /tmp/demo --quick
   softpatch demo --categories carpet,bottle --noise 0.1
 """
-
-
-def _size_or_none(text: str) -> int | None:
-    if text.lower() in ("none", "0"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -183,6 +177,42 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                             "each phase) or a number")
 
 
+@dataclasses.dataclass
+class _ModelOption:
+    """A command-line model option: its flag and the config field it sets, per model kind."""
+
+    flag: str
+    meta: dict  # the field metadata's "cli" entry (first declaration)
+    fields: dict[str, dataclasses.Field]  # CLI model name -> config field
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+def model_options() -> list[_ModelOption]:
+    """The model options of every kind, in the config classes' field order; a flag several
+    kinds share (--noise-threshold: SoftPatch's noise_threshold, SoftPatch+'s cls_threshold)
+    is one option."""
+    options: dict[str, _ModelOption] = {}
+    for kind in MODEL_KINDS:
+        for f in dataclasses.fields(kind.config_class):
+            cli = f.metadata.get("cli")
+            if cli is not None:
+                flag = cli["flag"] or "--" + f.name.replace("_", "-")
+                options.setdefault(flag, _ModelOption(flag, cli, {})).fields[kind.cli_name] = f
+    return list(options.values())
+
+
+def _default_text(option: _ModelOption) -> str:
+    defaults = {repr(f.default) for f in option.fields.values()}
+    if "default" in option.meta["help"] or option.meta["negate"] or len(defaults) != 1:
+        return ""
+    value = next(iter(option.fields.values())).default
+    shown = "none" if value is None else ",".join(value) if isinstance(value, tuple) else value
+    return f" (default {shown})"
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", choices=CLI_NAMES, default="softpatch",
@@ -193,55 +223,27 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="default, or paper: the authors' settings (WRN-50-2 with torchvision's weights -- give "
                         "them with --weights offline --, squared distances, fixed 15 %% removal, weights = "
                         "score / median); options given explicitly override the preset")
-    g.add_argument("--backbone", metavar="NAME", help="timm CNN name (default: efficientnet_lite0)")
-    g.add_argument("--layers", metavar="L1,L2", action="append",
-                   help="feature layers of the backbone, comma list (default: the backbone's default)")
-    g.add_argument("--weights", metavar="FILE",
-                   help="backbone weights (.pth/.safetensors state dict); default: pretrained weights")
-    g.add_argument("--no-pretrained", action="store_true",
-                   help="random backbone weights (for smoke tests only: results are meaningless)")
     g.add_argument("--device", default="auto", help="auto (default: CUDA when usable), cpu, cuda, cuda:N")
-    g.add_argument("--coreset-ratio", type=_finite_float, metavar="F",
-                   help="fraction of training patches kept in the memory bank (default 0.1)")
-    g.add_argument("--seed", type=int, help="random seed (projection, coreset start; default 0)")
-    g.add_argument("--resize", type=_size_or_none, metavar="N",
-                   help="resize images to N x N first (default 256; 'none' keeps the size)")
-    g.add_argument("--crop", type=_size_or_none, metavar="N",
-                   help="then centre-crop N x N (default 224; 'none' for no crop)")
-    g.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default 16)")
-    g.add_argument("--distance", choices=("l2", "squared_l2"),
-                   help="nearest-neighbour distance (default l2; squared_l2 as the authors' code)")
-    g.add_argument("--image-score", choices=("max", "reweighted"),
-                   help="image score: the largest patch score (default) or PatchCore's eq. 7 re-weighting")
-    g.add_argument("--search", choices=("exact", "pca"),
-                   help="nearest-neighbour search: exact (default) or pca (principal-subspace candidates, exact "
-                        "re-rank: ~3x less k-NN work, small measured tolerance)")
     d = parser.add_argument_group("denoising (softpatch, softpatch-plus)")
-    d.add_argument("--noise-threshold", type=_fraction, metavar="F",
-                   help="top share of patch outlier scores that may be kept out of the (classification) bank "
-                        "(default 0.15)")
-    d.add_argument("--seg-threshold", type=_fraction, metavar="F",
-                   help="softpatch-plus: share removed from the segmentation bank (default 0.2)")
+    denoising = [k.cli_name for k in MODEL_KINDS if k.config_class.denoising]
+    for option in model_options():
+        meta = option.meta
+        common = len(option.fields) == len(MODEL_KINDS)
+        only = "" if common or set(option.fields) == set(denoising) else f" ({' and '.join(option.fields)} only)"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
+                                  "help": meta["help"].replace("%", "%%") + _default_text(option) + only}
+        if meta["negate"]:
+            kwargs.update(action="store_const", const=False)
+        else:
+            kwargs.update(metavar=meta["metavar"], choices=meta["choices"])
+            if meta["multiple"]:
+                kwargs["action"] = "append"
+            elif meta["parse"] is not None:
+                kwargs["type"] = meta["parse"]
+        (g if common else d).add_argument(option.flag, dest=option.dest, **kwargs)
     d.add_argument("--removal", choices=("gated", "fixed"),
                    help="gated (default): a top-share patch goes only if it is also a robust outlier "
-                        "(--removal-mad); fixed: the whole top share goes (the papers)")
-    d.add_argument("--removal-mad", type=_finite_float, metavar="K",
-                   help="the gate: score above median + K * 1.4826 * MAD (default 6)")
-    d.add_argument("--seg-removal-gate", choices=("none", "any", "all"),
-                   help="softpatch-plus: segmentation bank gate (default none: its whole top share goes)")
-    d.add_argument("--weight-mode", choices=("outlier", "clamped", "median"),
-                   help="soft weights: outlier (default; 1 for inliers), clamped, median (the papers)")
-    d.add_argument("--weight-fusion", choices=("min", "mean"),
-                   help="softpatch-plus: combine the discriminators' soft weights by min (default: every "
-                        "discriminator must call a patch an outlier) or mean (the papers)")
-    d.add_argument("--no-soft-weights", action="store_true", help="no soft weights (distances unscaled)")
-    d.add_argument("--alignment", choices=("auto", "position", "window", "global"),
-                   help="which training patches are compared: auto (default), position (the paper), "
-                        "window, global")
-    d.add_argument("--lof-k", type=int, metavar="K", help="LOF neighbours (default 6)")
-    d.add_argument("--discriminators", metavar="D1,D2", action="append",
-                   help="lof, nearest, gaussian: softpatch takes one (default lof), softpatch-plus a comma list "
-                        "(default lof,gaussian)")
+                        "(--removal-mad); fixed: the whole top share goes (the papers; --removal-mad none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,14 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("at scale")
     _add_ray_options(g, "score with Ray Data; the same outputs")
     g.add_argument("--graph", metavar="FILE",
-                   help="score with an exported graph (softpatch export: .onnx / .xml) instead of torch")
+                   help="score with an exported graph (softpatch export: "
+                        f"{' / '.join(f.suffix for f in GRAPH_FORMATS)}) instead of torch; torch need not be installed")
 
     # ---- export
     p = add("export", "export the backbone + patch embedding for deployment without torch (ONNX, OpenVINO)",
             EXPORT_EPILOG, cmd_export)
     p.add_argument("model", metavar="MODEL", help="a model saved by 'softpatch fit'")
-    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
-                   help="onnx (default) or openvino (IR .xml + .bin; needs the openvino package)")
+    p.add_argument("--format", choices=FORMAT_NAMES, default=FORMAT_NAMES[0],
+                   help=", ".join(f"{f.name} ({f.suffix})" for f in GRAPH_FORMATS) + f" (default {FORMAT_NAMES[0]})")
     p.add_argument("-o", "--out", metavar="FILE", help="graph file (default: MODEL with .onnx / .xml)")
     p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (default 17)")
     p.add_argument("--weights", metavar="FILE",
@@ -397,78 +400,58 @@ def _check_device(device: str) -> str:
     return device
 
 
-# CLI option -> constructor option per model (None: the option does not apply to that model).
-_DENOISING_OPTIONS: dict[str, dict[str, str]] = {
-    "noise_threshold": {"softpatch": "noise_threshold", "softpatch-plus": "cls_threshold"},
-    "seg_threshold": {"softpatch-plus": "seg_threshold"},
-    "removal_mad": {"softpatch": "removal_mad", "softpatch-plus": "removal_mad"},
-    "seg_removal_gate": {"softpatch-plus": "seg_removal_gate"},
-    "weight_mode": {"softpatch": "weight_mode", "softpatch-plus": "weight_mode"},
-    "weight_fusion": {"softpatch-plus": "weight_fusion"},
-    "alignment": {"softpatch": "alignment", "softpatch-plus": "alignment"},
-    "lof_k": {"softpatch": "lof_k", "softpatch-plus": "lof_k"},
-}
-_COMMON_OPTIONS = ("backbone", "weights", "coreset_ratio", "seed", "batch_size", "distance", "image_score", "search")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def model_kwargs(args: argparse.Namespace) -> dict:
-    """Constructor arguments from the model options; options not given keep the library
-    (or preset) defaults. Value checks are the model config's; this only maps names."""
-    kind = args.model
+    """Constructor arguments from the model options given (the others keep the library or
+    preset defaults); each value is checked by its config field's own check, under the
+    flag's name."""
+    kind = kind_by_cli_name(args.model)
     kw: dict[str, Any] = {"device": _check_device(args.device), "progress": _progress(args)}
     if args.threads != "auto":
         kw["threads"] = args.threads
     if args.preset is not None:
         kw["preset"] = args.preset
-    for key in _COMMON_OPTIONS:
-        if getattr(args, key, None) is not None:
-            kw[key] = getattr(args, key)
-    layers = _split_list(getattr(args, "layers", None))
-    if layers:
-        kw["layers"] = layers
-    if getattr(args, "no_pretrained", False):
-        if args.weights:
-            raise UsageError("--no-pretrained and --weights exclude each other")
-        kw["pretrained"] = False
-    if args.weights:
-        kw["weights"] = _check_weights_file(args.weights)
-    # argparse stores "none" as None, so tell "not given" from "none" by looking at argv order-free:
-    for attr in ("resize", "crop"):
-        if attr in getattr(args, "_given_sizes", {}):
-            kw[attr] = args._given_sizes[attr]
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for attr, per_model in _DENOISING_OPTIONS.items():
-        if getattr(args, attr, None) is None:
+    for option in model_options():
+        if not hasattr(args, option.dest):  # not given (argparse.SUPPRESS)
             continue
-        if kind not in per_model:
-            if kind == "patchcore":
-                raise UsageError(f"{_flag(attr)} does not apply to --model patchcore (it does no denoising)")
-            raise UsageError(f"{_flag(attr)} applies to --model {' and '.join(per_model)} only")
-        kw[per_model[kind]] = getattr(args, attr)
-    if args.removal == "fixed":
-        if args.removal_mad is not None:
-            raise UsageError("--removal fixed and --removal-mad exclude each other (fixed has no gate)")
-        kw["removal_mad"] = None
-    denoising_flags = [f for f, given in (("--removal", args.removal), ("--no-soft-weights", args.no_soft_weights),
-                                          ("--discriminators", args.discriminators)) if given]
-    if denoising_flags and kind == "patchcore":
-        raise UsageError(f"{denoising_flags[0]} does not apply to --model patchcore (it does no denoising)")
-    if args.no_soft_weights:
-        kw["soft_weights"] = False
-    discriminators = _split_list(args.discriminators)
-    if discriminators:
-        if kind == "softpatch":
-            if len(discriminators) != 1:
-                raise UsageError(f"--model softpatch takes one discriminator, got {','.join(discriminators)}")
-            kw["discriminator"] = discriminators[0]
-        else:
-            kw["discriminators"] = discriminators
+        field = option.fields.get(kind.cli_name)
+        if field is None:
+            if not kind.config_class.denoising:
+                raise UsageError(f"{option.flag} does not apply to --model {kind.cli_name} (it does no denoising)")
+            raise UsageError(f"{option.flag} applies to --model {' and '.join(option.fields)} only")
+        value = getattr(args, option.dest)
+        if option.meta["multiple"]:
+            value = _split_list(value)
+            if "tuple" not in str(field.type):  # one value (SoftPatch's discriminator)
+                if len(value) != 1:
+                    raise UsageError(f"--model {kind.cli_name} takes one {field.name} ({option.flag}), got "
+                                     f"{','.join(value)}")
+                value = value[0]
+        if field.name == "weights":
+            value = _check_weights_file(value)
+        try:
+            kw[field.name] = field.metadata["check"](option.flag, value)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+    if kw.get("pretrained") is False and "weights" in kw:
+        raise UsageError("--no-pretrained and --weights exclude each other")
+    if args.removal is not None:
+        if not kind.config_class.denoising:
+            raise UsageError(f"--removal does not apply to --model {kind.cli_name} (it does no denoising)")
+        if args.removal == "fixed":
+            if hasattr(args, "removal_mad"):
+                raise UsageError("--removal fixed and --removal-mad exclude each other (fixed has no gate)")
+            kw["removal_mad"] = None
     return kw
+
+
+def _model_file(text: str) -> Path:
+    """MODEL, checked: a file saved by 'softpatch fit'."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {text}")
+    if path.is_dir():
+        raise UsageError(f"MODEL {text} is a folder, expected a file saved by 'softpatch fit'")
+    return path
 
 
 def _check_weights_file(weights: str | None) -> str | None:
@@ -484,23 +467,8 @@ def build_model(args: argparse.Namespace) -> Any:
     kwargs = model_kwargs(args)  # option mistakes first, before any heavy import
     try:
         return kind_by_cli_name(args.model).cls(**kwargs)
-    except (ValueError, TypeError) as exc:  # name the flag, not the Python option
-        message = str(exc)
-        for key in sorted({*_COMMON_OPTIONS, *(o for m in _DENOISING_OPTIONS.values() for o in m.values()),
-                           "discriminator", "discriminators", "layers", "resize", "crop"}, key=len, reverse=True):
-            message = re.sub(rf"\b{key}\b", _flag(key if key != "cls_threshold" else "noise_threshold"), message)
-        raise UsageError(message) from exc
-
-
-def _record_given_sizes(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    # --resize none / --crop none mean "skip this step" (None), which argparse cannot tell
-    # from "option not given" (also None): remember which of the two were on the command line.
-    given = {}
-    for attr in ("resize", "crop"):
-        flag = f"--{attr}"
-        if any(a == flag or a.startswith(flag + "=") for a in argv):
-            given[attr] = getattr(args, attr, None)
-    args._given_sizes = given
+    except (ValueError, TypeError) as exc:  # options that do not go together (e.g. crop > resize)
+        raise UsageError(str(exc)) from exc
 
 
 def _training_report_csv_path(model_path: Path, report: str | None) -> Path:
@@ -535,7 +503,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             raise UsageError("--max-memory bounds a fit on this machine; with --ray choose the shards (--shards)")
         if args.shards is not None:
             raise UsageError("--max-memory chooses the shards itself; give --max-memory or --shards, not both")
-        from .sharded import parse_memory
+        from .scale.memory_plan import parse_memory
 
         try:
             parse_memory(args.max_memory)  # a malformed size fails before any work
@@ -562,7 +530,7 @@ def _fit_function(args: argparse.Namespace, address: str | None) -> Callable | N
     """How fit_to_file fits: the model's own fit (None), the bounded-memory / sharded fit, or Ray."""
     if address is not None:
         def fit_on_ray(model: Any, paths: list[str]) -> Any:
-            from .distributed import fit_distributed, ray_session
+            from .scale.distributed import fit_distributed, ray_session
 
             with ray_session(address, quiet=args.quiet):
                 return fit_distributed(model, paths, workers=args.workers, shards=args.shards, device=args.device)
@@ -570,7 +538,7 @@ def _fit_function(args: argparse.Namespace, address: str | None) -> Callable | N
         return _optional_dependency(fit_on_ray)
     if args.max_memory is not None or args.shards is not None:
         def fit_in_shards(model: Any, paths: list[str]) -> Any:
-            from .sharded import fit_sharded
+            from .scale.sharded import fit_sharded
 
             return fit_sharded(model, paths, shards=args.shards, max_memory=args.max_memory)
 
@@ -591,18 +559,11 @@ def _optional_dependency(fn: Callable) -> Callable:
 
 # ====================================================================== predict
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import load_model
-    from .jobs import check_writable_dir, collect_images, predict_to_folder
+    from .jobs import ModelSource, check_writable_dir, collect_images, predict_to_folder
 
-    model_path = Path(args.model).expanduser()
-    if not model_path.exists():
-        raise FileNotFoundError(f"model file not found: {args.model}")
-    if model_path.is_dir():
-        raise UsageError(f"MODEL {args.model} is a folder, expected a file saved by 'softpatch fit'")
+    model_path = _model_file(args.model)
     address = _ray_address(args)
-    if args.graph is not None:
-        if address is not None:
-            raise UsageError("--graph and --ray exclude each other (score a graph with Python: softpatch_cuda.deploy)")
+    if args.graph is not None:  # scored without torch: no backbone, no device
         if args.weights:
             raise UsageError("--weights does not apply with --graph (the graph holds the backbone)")
         if args.device not in ("auto", "cpu"):
@@ -611,28 +572,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"graph file not found: {args.graph}")
     out = check_writable_dir(args.out, "--out")
     paths = collect_images(args.images, args.recursive, "image path")
-    weights = _check_weights_file(args.weights)
-    device = _check_device(args.device)
-    if address is not None:
-        def run_on_ray() -> Any:
-            from .distributed import predict_to_folder_ray, ray_session
+    source = ModelSource(path=str(model_path.resolve()), graph=None if args.graph is None else
+                         str(Path(args.graph).expanduser().resolve()),
+                         device="cpu" if args.graph is not None else _check_device(args.device),
+                         weights=_check_weights_file(args.weights), threads=args.threads, threshold=args.threshold)
 
-            with ray_session(address, quiet=args.quiet):
-                return predict_to_folder_ray(model_path, paths, out, workers=args.workers, threshold=args.threshold,
-                                             overlays=not args.no_overlays, on_error=args.on_error,
-                                             progress=_progress(args), device=device, weights=weights)
+    def run(runner: Any = None) -> Any:
+        return predict_to_folder(source, paths, out, overlays=not args.no_overlays, on_error=args.on_error,
+                                 progress=_progress(args), runner=runner)
+
+    if address is None:
+        result = _optional_dependency(run)()
+    else:
+        def run_on_ray() -> Any:
+            from .scale.distributed import chunk_runner, ray_session
+
+            with ray_session(address, quiet=args.quiet), chunk_runner(args.workers) as runner:
+                return run(runner)
 
         result = _optional_dependency(run_on_ray)()
-    else:
-        if args.graph is not None:
-            from .deploy import OnnxDetector
-
-            model = _optional_dependency(OnnxDetector)(model_path, args.graph)
-        else:
-            model = load_model(model_path, device=device, weights=weights)
-            model.threads = args.threads
-        result = predict_to_folder(model, paths, out, threshold=args.threshold, overlays=not args.no_overlays,
-                                   on_error=args.on_error, progress=_progress(args), model_path=str(model_path))
     rows = result.rows
     width = max(len(r["name"]) for r in rows)
     if not args.quiet:
@@ -649,19 +607,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # ====================================================================== export
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .deploy import export
 
-    model_path = Path(args.model).expanduser()
-    if not model_path.exists():
-        raise FileNotFoundError(f"model file not found: {args.model}")
-    if model_path.is_dir():
-        raise UsageError(f"MODEL {args.model} is a folder, expected a file saved by 'softpatch fit'")
+    model_path = _model_file(args.model)
     if args.opset < 13:
         raise UsageError(f"--opset must be >= 13, got {args.opset}")
-    suffix = ".onnx" if args.format == "onnx" else ".xml"
-    out = Path(args.out).expanduser() if args.out else model_path.with_suffix(suffix)
-    if args.format == "openvino" and out.suffix.lower() != ".xml":
-        raise UsageError(f"--out {out}: an OpenVINO IR file name ends in .xml")
+    fmt = graph_format(args.format)
+    out = Path(args.out).expanduser() if args.out else model_path.with_suffix(fmt.suffix)
+    if out.suffix.lower() != fmt.suffix:
+        raise UsageError(f"--out {out}: a {fmt.name} graph file name ends in {fmt.suffix}")
     from .jobs import check_writable_file
 
     check_writable_file(out, "--out")
@@ -816,7 +770,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    _record_given_sizes(args, argv)
     logging_state = _configure_logging(args.verbose, args.quiet)
     try:
         return int(args.handler(args) or 0)

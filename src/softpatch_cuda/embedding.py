@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import FALLBACK_EMBED_DIM, FeatureExtractor, backbone_defaults
+from ._pixels import SeenImages
 from .data.images import ImageTransform, count_images, iter_batches
 from ._validation import is_int
 
@@ -135,7 +136,7 @@ def embed_images(embedder: PatchEmbedder, images: Any, transform: ImageTransform
     """Every image (any input ``iter_batches`` accepts) through the transform and the embedder."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    chunks, names, sources, sizes, digests = [], [], [], [], []
+    chunks, digests, seen = [], [], SeenImages()
     first_size: tuple[int, ...] | None = None
     with tqdm(total=count_images(images), desc=desc, unit="img", disable=not progress) as bar:
         for batch in iter_batches(images, transform, batch_size):
@@ -148,10 +149,7 @@ def embed_images(embedder: PatchEmbedder, images: Any, transform: ImageTransform
             first_size = tuple(batch.pixels.shape[-2:])
             chunks.append(embed_batch(embedder, batch.pixels))
             digests += pixel_digests(batch.pixels)
-            names += batch.names
-            sources += batch.sources
-            sizes += batch.sizes
+            seen.add(batch)
             bar.update(len(batch))
-    if not chunks:
-        raise ValueError("images: no images were given")
-    return EmbeddedImages(torch.cat(chunks), names, sources, sizes, digests)
+    seen.check_some()
+    return EmbeddedImages(torch.cat(chunks), seen.names, seen.sources, seen.sizes, digests)

@@ -117,17 +117,9 @@ def contamination_detection(report: Any, planted: np.ndarray) -> dict:
 
 def set_progress(model: Any, progress: bool) -> None:
     """Show or hide a model's own progress bars after construction (e.g. a loaded model
-    keeps the setting it was saved with)."""
+    keeps the setting it was saved with); models without them are left alone."""
     if hasattr(model, "progress"):
-        try:
-            model.progress = bool(progress)
-            return
-        except (AttributeError, TypeError):  # read-only property
-            pass
-    # Our models keep it in their constructor config (no public setter yet).
-    config = getattr(model, "_config", None)
-    if isinstance(config, dict) and "progress" in config:
-        config["progress"] = bool(progress)
+        model.progress = bool(progress)
 
 
 def evaluate_split(model: Any, split: Any, progress: bool = False) -> dict:

@@ -8,6 +8,11 @@ folder, with outputs that never lose work.
   the folder (no stale overlays from an earlier run).
 * ``predict_to_folder(..., on_error="skip")`` keeps going past unreadable images and
   lists them (with the reason) in the CSV; ``"fail"`` (default) stops at the first one.
+
+One predict loop serves every way of scoring: chunks of paths go to a runner -- this
+process (:func:`local_runner`) or Ray workers (:func:`softpatch_cuda.scale.distributed.chunk_runner`)
+-- which opens the model from a :class:`ModelSource` (every option travels with it) and
+returns a :class:`ChunkResult` per chunk; the loop puts the rows in order and commits.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ._pixels import IMAGE_EXTENSIONS, list_images, load_image  # torch-free: the ONNX predictor uses these jobs
-from .report import colour_range, distinct_names, overlay, save_png, training_report_rows, write_csv, write_json
+from .report import distinct_names, overlay, save_png, training_report_rows, write_csv, write_json
+from .serialization import write_atomically
 
 PREDICT_CHUNK = 32  # images per predict() call: bounds the memory held by anomaly maps
 OVERLAY_MAX_SIDE = 2048  # overlays of larger images are rendered downscaled (bounded memory)
@@ -114,22 +120,52 @@ def fit_to_file(model: Any, paths: Sequence[str], out: str | os.PathLike, report
         fit(model, list(paths))
     fit_s = time.perf_counter() - t0
     model.save(out)
-    _write_atomically(report_csv, lambda tmp: write_csv(tmp, training_report_rows(model.training_report())))
+    write_atomically(report_csv, lambda tmp: write_csv(tmp, training_report_rows(model.training_report())))
     return FitResult(model, out, report_csv, fit_s)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 # ------------------------------------------------------------------ predict
+@dataclass(frozen=True)
+class ModelSource:
+    """What a predict run scores with, in a form every worker can open: a model file
+    (``path``; loaded on ``device``, with the backbone ``weights`` file when the stored
+    path is not valid there), scored by torch or by an exported ``graph`` (no torch); or an
+    in-memory ``model`` (this process only). ``threads``: the thread budget (the graph
+    engine's threads with a graph); ``threshold``: replaces the model's."""
+
+    path: str | None = None
+    model: Any = None
+    graph: str | None = None
+    device: str = "auto"
+    weights: str | None = None
+    threads: int | str = "auto"
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.model is None):
+            raise ValueError("a model source is a model file (path) or a fitted model, exactly one")
+        if self.graph is not None and self.path is None:
+            raise ValueError("an exported graph is scored with its model file (path)")
+
+    def open(self) -> Any:
+        """The model, ready to predict (the threshold and thread budget applied)."""
+        if self.model is not None:
+            model = self.model
+        elif self.graph is not None:
+            from .deploy import OnnxDetector  # noqa: PLC0415 -- torch-free
+
+            model = OnnxDetector(self.path, self.graph, threads=None if self.threads == "auto" else int(self.threads))
+        else:
+            from .models import load_model  # noqa: PLC0415 -- torch
+
+            model = load_model(self.path, device=self.device, weights=self.weights)
+        if hasattr(model, "threads"):
+            model.threads = self.threads
+        if self.threshold is not None:
+            model.threshold = float(self.threshold)
+        return model
+
+
 @dataclass
 class PredictResult:
     rows: list[dict]
@@ -147,77 +183,103 @@ class PredictResult:
         return sum(r["verdict"] == "error" for r in self.rows)
 
 
-def _load_for_predict(path: str, on_error: str):
-    """(PIL image, None) or (None, the exception) when skipping unreadable images."""
-    try:
-        return load_image(path), None
-    except (OSError, ValueError) as exc:
-        if on_error == "fail":
-            raise
-        return None, exc
-
-
 def check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     return on_error
 
 
-# The pieces below are shared by the local loop (predict_to_folder) and the Ray workers
-# (softpatch_cuda.distributed), so both write the same rows, overlays and files.
-@dataclass
-class ScoredChunk:
-    """One chunk of paths after loading and scoring: per path the image (None when
-    unreadable) and the reason it could not be read; the prediction of the readable
-    images (None when there were none)."""
+@dataclass(frozen=True)
+class ChunkJob:
+    """A chunk of a run: its paths, the first one's position in the run, and (with
+    overlays) the file name each readable image's overlay gets."""
 
+    start: int
     paths: list[str]
-    images: list[Any]
+    overlay_names: list[str] | None = None
+
+
+@dataclass
+class ChunkResult:
+    """A chunk scored, as plain data a worker hands back: per path its score, the model's
+    verdict and the overlay written (None when unreadable), and the exception that made it
+    unreadable (None when readable); the threshold, colour scale and model type used."""
+
+    start: int
+    paths: list[str]
+    scores: list[float | None]
+    anomalous: list[bool | None]
+    overlays: list[str | None]
     failures: list[BaseException | None]
-    prediction: Any
+    threshold: float
+    colour_range: tuple[float, float]
+    model_type: str
+    maps: list[Any] | None = None  # with score_chunk(..., maps=True): [S, S] per readable image
 
-    @property
-    def errors(self) -> list[str | None]:
-        """Per path the reason it could not be read (one line), None when readable."""
-        return [None if exc is None else " ".join(str(exc).split()) for exc in self.failures]
-
-    def scores(self) -> list[float | None]:
-        """Per path its score (None for unreadable images), in path order."""
-        out, k = [], 0
-        for img in self.images:
-            if img is None:
-                out.append(None)
-            else:
-                out.append(float(self.prediction.scores[k]))
-                k += 1
-        return out
-
-    def readable(self) -> list[tuple[int, int]]:
-        """(position in the chunk, position in the prediction) of every readable image."""
-        pairs, k = [], 0
-        for i, img in enumerate(self.images):
-            if img is not None:
-                pairs.append((i, k))
-                k += 1
-        return pairs
+    def first_failure(self) -> BaseException | None:
+        return next((f for f in self.failures if f is not None), None)
 
 
-def score_chunk(model: Any, paths: Sequence[str], on_error: str) -> ScoredChunk:
-    """Load ``paths`` (unreadable ones fail or are skipped, ``on_error``) and predict the readable ones."""
-    loaded = [_load_for_predict(p, on_error) for p in paths]
-    images = [img for img, _ in loaded if img is not None]
-    prediction = model.predict(images) if images else None
-    return ScoredChunk(list(paths), [img for img, _ in loaded], [err for _, err in loaded], prediction)
+def _load_for_predict(path: str) -> tuple[Any, BaseException | None]:
+    """(PIL image, None) or (None, the reason it could not be read)."""
+    try:
+        return load_image(path), None
+    except (OSError, ValueError) as exc:
+        return None, exc
 
 
-def prediction_row(name: str, path: str, threshold: float, score: float | None, error: str | None,
-                   overlay: str | None = None) -> dict:
-    """One row of predictions.csv / .json (PREDICTION_COLUMNS)."""
+def score_chunk(model: Any, job: ChunkJob, on_error: str, overlay_dir: Path | None = None,
+                maps: bool = False) -> ChunkResult:
+    """Load a chunk's paths and predict the readable ones; write their overlays (at most
+    OVERLAY_MAX_SIDE pixels a side, on the model's colour scale) into ``overlay_dir``;
+    with ``maps``, hand back their anomaly maps. With on_error="fail" a chunk holding an
+    unreadable image is not scored at all."""
+    loaded = [_load_for_predict(p) for p in job.paths]
+    failures = [err for _, err in loaded]
+    n = len(job.paths)
+    scores: list[float | None] = [None] * n
+    anomalous: list[bool | None] = [None] * n
+    overlays: list[str | None] = [None] * n
+    amaps: list[Any] | None = [None] * n if maps else None
+    vrange = model.colour_range()
+    readable = [i for i, (img, _) in enumerate(loaded) if img is not None]
+    if readable and not (on_error == "fail" and any(failures)):
+        prediction = model.predict([loaded[i][0] for i in readable])
+        for k, i in enumerate(readable):
+            scores[i] = float(prediction.scores[k])
+            anomalous[i] = bool(prediction.is_anomalous[k])
+            if amaps is not None:
+                amaps[i] = prediction.maps[k]
+            if overlay_dir is not None and job.overlay_names is not None:
+                overlays[i] = str(render_overlay(loaded[i][0], prediction, k, vrange,
+                                                 overlay_dir / job.overlay_names[i]))
+    return ChunkResult(job.start, list(job.paths), scores, anomalous, overlays, failures, float(model.threshold),
+                       tuple(vrange), type(model).__name__, amaps)
+
+
+Runner = Callable[[ModelSource, Sequence[ChunkJob], str, "Path | None"], Iterable[ChunkResult]]
+
+
+def local_runner(source: ModelSource, jobs: Sequence[ChunkJob], on_error: str,
+                 overlay_dir: Path | None) -> Iterator[ChunkResult]:
+    """The chunks one after another in this process (one model, opened once)."""
+    model = source.open()
+    for job in jobs:
+        yield score_chunk(model, job, on_error, overlay_dir)
+
+
+def prediction_row(name: str, path: str, threshold: float, score: float | None, anomalous: bool | None,
+                   error: str | None, overlay: str | None = None) -> dict:
+    """One row of predictions.csv / .json (PREDICTION_COLUMNS); the verdict is the model's."""
     row = {"name": name, "path": path, "score": None, "threshold": threshold, "verdict": "error",
            "overlay": None, "error": error}
     if score is not None:
-        row.update(score=float(score), verdict="anomalous" if score > threshold else "normal", overlay=overlay)
+        row.update(score=float(score), verdict="anomalous" if anomalous else "normal", overlay=overlay)
     return row
+
+
+def one_line(exc: BaseException | None) -> str | None:
+    return None if exc is None else " ".join(str(exc).split())
 
 
 def render_overlay(image: Any, prediction: Any, k: int, vrange: tuple[float, float], path: Path) -> Path:
@@ -231,20 +293,17 @@ def render_overlay(image: Any, prediction: Any, k: int, vrange: tuple[float, flo
     return path
 
 
-class OverlayNames:
-    """File names of the overlays, unique within a run, given in the order of the rows."""
-
-    def __init__(self) -> None:
-        self._used: dict[str, int] = {}
-
-    def next(self, name: str) -> str:
-        return f"{_unique_stem(name.replace('/', '_'), self._used)}.png"
-
-
 def display_names(paths: Sequence[str]) -> dict[str, str]:
     """Path -> the name shown in the outputs (the file name, made distinct)."""
     paths = list(paths)
     return dict(zip(paths, distinct_names([Path(p).name for p in paths], paths)))
+
+
+def overlay_names(names: Sequence[str]) -> list[str]:
+    """The overlays' file names, in the order of the rows: each image's display name made
+    a file name, unique within the run."""
+    used: dict[str, int] = {}
+    return [f"{_unique_stem(name.replace('/', '_'), used)}.png" for name in names]
 
 
 def staging_folder(out: Path) -> Path:
@@ -266,54 +325,56 @@ def commit_predictions(out: Path, staging: Path, rows: list[dict], header: dict)
         os.replace(staging / name, out / name)
 
 
-def predictions_header(model_path: str | None, model_type: str, threshold: float,
-                       vrange: tuple[float, float] | None) -> dict:
-    return {"model": model_path, "model_type": model_type, "threshold": threshold,
-            "colour_range": list(vrange) if vrange else None}
-
-
-def predict_to_folder(model: Any, paths: Sequence[str], out: str | os.PathLike, *, threshold: float | None = None,
+def predict_to_folder(source: Any, paths: Sequence[str], out: str | os.PathLike, *, threshold: float | None = None,
                       overlays: bool = True, on_error: str = "fail", progress: bool = False,
-                      chunk: int = PREDICT_CHUNK, model_path: str | None = None) -> PredictResult:
-    """Score ``paths`` with a fitted model; write ``out``/predictions.csv, predictions.json
-    and (``overlays``) one heatmap overlay PNG per image under ``out``/overlays/.
+                      chunk: int = PREDICT_CHUNK, runner: Runner | None = None) -> PredictResult:
+    """Score ``paths``; write ``out``/predictions.csv, predictions.json and (``overlays``)
+    one heatmap overlay PNG per image under ``out``/overlays/.
 
-    ``model``: anything with ``threshold`` and ``predict(images)`` -- a :class:`Detector`
-    or the torch-free :class:`softpatch_cuda.deploy.OnnxDetector`."""
+    ``source``: a :class:`ModelSource`, or a fitted model (a :class:`Detector` or the
+    torch-free :class:`softpatch_cuda.deploy.OnnxDetector`); ``threshold`` replaces its
+    threshold. ``runner``: who scores the chunks (default: this process; on Ray:
+    :func:`softpatch_cuda.scale.distributed.chunk_runner`)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     check_on_error(on_error)
-    out = check_writable_dir(out, "output folder")
+    if not isinstance(source, ModelSource):
+        source = ModelSource(model=source)
     if threshold is not None:
-        model.threshold = float(threshold)
-    threshold = float(model.threshold)
-    paths = list(paths)
+        source = replace(source, threshold=float(threshold))
+    out = check_writable_dir(out, "output folder")
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("no images to predict")
     display = display_names(paths)
+    names = overlay_names([display[p] for p in paths]) if overlays else None
+    jobs = [ChunkJob(start, paths[start : start + chunk], None if names is None else names[start : start + chunk])
+            for start in range(0, len(paths), chunk)]
     staging = staging_folder(out)
     try:
-        rows: list[dict] = []
-        names = OverlayNames()
-        vrange: tuple[float, float] | None = None
-        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr)
-        for start in range(0, len(paths), chunk):
-            scored = score_chunk(model, paths[start : start + chunk], on_error)
-            if scored.prediction is not None and vrange is None:
-                vrange = colour_range(scored.prediction.maps, threshold)  # one colour scale for the whole run
-            overlay_of: dict[int, str] = {}
-            if overlays:
-                for i, k in scored.readable():
-                    file_name = names.next(display[scored.paths[i]])
-                    render_overlay(scored.images[i], scored.prediction, k, vrange, staging / "overlays" / file_name)
-                    overlay_of[i] = str(out / "overlays" / file_name)
-            for i, (path, score) in enumerate(zip(scored.paths, scored.scores())):
-                rows.append(prediction_row(display[path], path, threshold, score, scored.errors[i], overlay_of.get(i)))
-            bar.update(len(scored.paths))
-        bar.close()
-        commit_predictions(out, staging, rows, predictions_header(model_path, type(model).__name__, threshold, vrange))
+        done: dict[int, ChunkResult] = {}
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
+            for result in (runner or local_runner)(source, jobs, on_error, staging / "overlays" if overlays else None):
+                failure = result.first_failure()
+                if on_error == "fail" and failure is not None:
+                    raise failure
+                done[result.start] = result
+                bar.update(len(result.paths))
+        rows = []
+        for job in jobs:
+            r = done[job.start]
+            for i, path in enumerate(r.paths):
+                overlay_path = None if r.overlays[i] is None else str(out / "overlays" / Path(r.overlays[i]).name)
+                rows.append(prediction_row(display[path], path, r.threshold, r.scores[i], r.anomalous[i],
+                                           one_line(r.failures[i]), overlay_path))
+        first = done[jobs[0].start]
+        header = {"model": source.path, "model_type": first.model_type, "threshold": first.threshold,
+                  "colour_range": list(first.colour_range)}
+        commit_predictions(out, staging, rows, header)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PredictResult(rows, out / "predictions.csv", out / "predictions.json",
-                         out / "overlays" if overlays else None, threshold)
+                         out / "overlays" if overlays else None, first.threshold)
 
 
 def _unique_stem(name: str, used: dict[str, int]) -> str:

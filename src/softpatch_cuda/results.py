@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._pixels import map_to_input_size
 
 
 @dataclass
@@ -47,8 +48,6 @@ class Prediction:
             raise IndexError(f"image index {i} out of range for a prediction of {len(self)} images")
         if not self.input_sizes:
             raise ValueError("this Prediction carries no input sizes; map_at_input_size is unavailable")
-        from .postprocess import map_to_input_size  # torch: imported on use (deploy reads results without it)
-
         return map_to_input_size(self.maps[i], self.input_sizes[i], self.resize, self.crop, out_size)
 
     def to_rows(self) -> list[dict]:
@@ -87,18 +86,6 @@ class TrainingReport:
 
     def __len__(self) -> int:
         return len(self.names)
-
-    @classmethod
-    def from_denoising(cls, names: list[str], sources: list[str | None], result=None) -> "TrainingReport":
-        """The training report phase: one row per image from a :class:`DenoiseResult`
-        (None when the discriminators could not run: scores NaN, nothing flagged)."""
-        n = len(names)
-        if result is None:
-            return cls(list(names), list(sources), np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=bool),
-                       float("nan"), np.zeros(n, dtype=np.float32))
-        return cls(list(names), list(sources), np.asarray(result.image_scores, dtype=np.float32),
-                   np.asarray(result.flagged, dtype=bool), float(result.flag_limit),
-                   np.asarray(result.removed_fraction, dtype=np.float32))
 
     def expanded(self, names: list[str], sources: list[str | None], original_of) -> "TrainingReport":
         """The report of the distinct images spread over every training image: image i

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ._validation import is_int
 
@@ -29,10 +29,10 @@ FORMAT_VERSION = 2
 METADATA_KEY = "softpatch_cuda"
 CHECKSUM_KEY = "checksum"
 
-# torch is imported where torch tensors are written: reading with framework="np" (the
-# torch-free predictor, softpatch_cuda.deploy) must work where torch is not installed.
-# The checksum names dtypes as torch prints them, for numpy arrays too, so a file's
-# checksum is the same whichever framework reads it.
+# Files are written from numpy arrays and read as numpy (torch is never imported here:
+# the torch-free predictor reads model files too). The checksum names dtypes as torch
+# prints them -- files of earlier versions were written from torch tensors -- so a
+# file's checksum is the same whichever framework reads it.
 _NUMPY_DTYPE_NAMES = {"float32": "torch.float32", "float16": "torch.float16", "float64": "torch.float64",
                       "int64": "torch.int64", "int32": "torch.int32", "uint8": "torch.uint8", "bool": "torch.bool"}
 
@@ -70,26 +70,40 @@ def _default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_model_file(path: str | os.PathLike, tensors: dict[str, Any], header: dict[str, Any]) -> Path:
-    """Write ``tensors`` and the JSON ``header`` (plus format, version, checksum) to ``path``."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write a file under a temporary name beside ``path`` (``write(tmp)``) and move it into
+    place when complete: a crash or an error never leaves a half-written file, and the old
+    one stays until then. The folder is created when missing."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"model path {path} is a folder; pass a file path such as {path / 'model.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    payload = dict(header, format=FORMAT_NAME, format_version=FORMAT_VERSION)
-    payload[CHECKSUM_KEY] = content_checksum(cpu, payload)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(cpu, str(tmp), metadata={METADATA_KEY: json.dumps(payload, allow_nan=True)})
-        os.chmod(tmp, _default_file_mode())  # safetensors creates 0600 files
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_model_file(path: str | os.PathLike, tensors: dict[str, Any], header: dict[str, Any]) -> Path:
+    """Write ``tensors`` (numpy arrays) and the JSON ``header`` (plus format, version,
+    checksum) to ``path``."""
+    import numpy as np  # noqa: PLC0415
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"model path {path} is a folder; pass a file path such as {path / 'model.safetensors'}")
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    payload = dict(header, format=FORMAT_NAME, format_version=FORMAT_VERSION)
+    payload[CHECKSUM_KEY] = content_checksum(arrays, payload)
+
+    def write(tmp: Path) -> None:
+        save_file(arrays, str(tmp), metadata={METADATA_KEY: json.dumps(payload, allow_nan=True)})
+        os.chmod(tmp, _default_file_mode())  # safetensors creates 0600 files
+
+    return write_atomically(path, write)
 
 
 def read_model_file(path: str | os.PathLike, framework: str = "pt") -> tuple[dict[str, Any], dict[str, Any]]:

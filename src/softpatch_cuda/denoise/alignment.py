@@ -15,10 +15,9 @@ import logging
 import torch
 
 from .._validation import check_choice
+from .spec import ALIGNMENTS
 
 logger = logging.getLogger(__name__)
-
-ALIGNMENTS: tuple[str, ...] = ("auto", "position", "window", "global")
 
 # "auto" thresholds on rho = median same-position NN distance / median NN distance to
 # patches at random positions (same number of candidates). Aligned objects: the same

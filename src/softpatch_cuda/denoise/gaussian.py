@@ -5,17 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import is_number
 from .graphs import global_pool, window_positions
-
-SHRINKAGE_HELP = "'ledoit_wolf' or a number in [0, 1]"
-
-
-def check_shrinkage(value) -> float | str:
-    ok = value == "ledoit_wolf" or (is_number(value) and 0.0 <= value <= 1.0)
-    if not ok:
-        raise ValueError(f"gaussian_shrinkage must be {SHRINKAGE_HELP}, got {value!r}")
-    return value
 
 
 def covariance(centred: torch.Tensor, shrinkage: float | str) -> torch.Tensor:

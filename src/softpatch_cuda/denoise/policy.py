@@ -22,13 +22,9 @@ import numpy as np
 import torch
 
 from .._validation import MAD_TO_SIGMA, check_choice, robust_limit
-
-FUSIONS: tuple[str, ...] = ("mean", "max")
-RANK_SCOPES: tuple[str, ...] = ("global", "position")
-REMOVALS: tuple[str, ...] = ("gated", "fixed", "none")
-GATES: tuple[str, ...] = ("any", "all")
-WEIGHT_MODES: tuple[str, ...] = ("outlier", "clamped", "median")
-WEIGHT_FUSIONS: tuple[str, ...] = ("min", "mean")
+from .spec import (  # noqa: F401 -- the policy's vocabulary and specs, importable from here too
+    FUSIONS, GATES, RANK_SCOPES, REMOVALS, WEIGHT_FUSIONS, WEIGHT_MODES, BankSpec, DenoiseSpec,
+)
 
 OUTLIER_WEIGHT_MAD = 3.0
 CLAMPED_WEIGHT_QUANTILE = 0.9
@@ -38,37 +34,6 @@ REPORT_MAD_FACTOR = 3.0  # flagged: score > median + 3 * 1.4826 * MAD of the ima
 # images score alike the MAD collapses and every image above the median would be
 # flagged (a clean set lost half its images to the flag that way).
 REPORT_SCALE_FLOOR = 0.05
-
-
-@dataclass(frozen=True)
-class BankSpec:
-    """How one memory bank is cleaned.
-
-    name: "cls" (image scores) or "seg" (anomaly maps).
-    fraction: the top fraction of patches (by fused outlier rank) that may be removed.
-    removal: "fixed" -- remove the whole top fraction (the papers); "gated" -- remove a
-        top-fraction patch only if it is also a robust outlier (score above median +
-        ``removal_mad`` MAD) in any / all discriminators (``gate``); "none".
-    soft_weights: keep the patches' soft weights in the bank.
-    """
-
-    name: str
-    fraction: float
-    removal: str = "gated"
-    gate: str = "any"
-    soft_weights: bool = True
-
-
-@dataclass(frozen=True)
-class DenoiseSpec:
-    """Everything the policy needs besides the scores (built from a model's config)."""
-
-    banks: tuple[BankSpec, ...]
-    fusion: str = "mean"
-    rank_scope: str = "global"
-    removal_mad: float = 3.0
-    weight_mode: str = "outlier"
-    weight_fusion: str = "mean"
 
 
 @dataclass
@@ -204,10 +169,22 @@ def contamination_scores(evidence: torch.Tensor) -> tuple[np.ndarray, np.ndarray
     flat = evidence.reshape(n, -1)
     count = max(1, int(math.ceil(REPORT_TOP_FRACTION * flat.shape[1])))
     scores = flat.topk(count, dim=1).values.mean(dim=1).cpu().numpy().astype(np.float32)
+    flagged, limit = flag_images(scores)
+    return scores, flagged, limit
+
+
+def flag_images(scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """(flagged [N] bool, limit): images whose contamination score exceeds the robust limit
+    of all the scores (median + REPORT_MAD_FACTOR MAD, the MAD floored at REPORT_SCALE_FLOOR
+    of the median); nothing is flagged where no score is finite. A sharded fit applies it
+    to the union of its shards' scores."""
+    scores = np.asarray(scores, dtype=np.float32)
     finite = scores[np.isfinite(scores)]
-    floor = REPORT_SCALE_FLOOR * abs(float(np.median(finite))) if finite.size else 0.0
+    if finite.size == 0:
+        return np.zeros(scores.size, dtype=bool), float("nan")
+    floor = REPORT_SCALE_FLOOR * abs(float(np.median(finite)))
     limit = robust_limit(scores, REPORT_MAD_FACTOR, scale_floor=floor)
-    return scores, scores > limit, float(limit)
+    return scores > limit, float(limit)
 
 
 # ------------------------------------------------------------------ the whole policy

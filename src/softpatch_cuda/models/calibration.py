@@ -10,12 +10,15 @@ scores. Training images scored against a bank holding their own patches would sc
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
-import torch
+from array_api_compat import device
 
+from .._interop import to_numpy
 from .._validation import robust_limit
 from ..memory_bank import MemoryBank
+from ..scoring import image_scores, namespace
 
 logger = logging.getLogger(__name__)
 
@@ -24,20 +27,23 @@ CALIBRATION_GROUP = 4  # images scored per leave-out k-NN call
 THRESHOLD_MAD_FACTOR = 3.0
 
 
-def leave_out_scores(embeddings: torch.Tensor, bank: MemoryBank, images: np.ndarray, image_score: str,
-                     group: int, image_ids: np.ndarray | None = None) -> np.ndarray:
-    """Image scores of ``images`` (indices into embeddings [N, h, w, D]), each group
-    scored against the bank without that group's own patches (``image_ids``: the
-    bank's image id of each embedding row, default its index)."""
-    scores = []
+def leave_out_scores(embeddings: Any, bank: MemoryBank, images: np.ndarray, image_score: str,
+                     group: int, image_ids: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(image scores [k], their lowest patch score) of ``images`` (indices into embeddings
+    [N, h, w, D]), each group scored against the bank without that group's own patches
+    (``image_ids``: the bank's image id of each embedding row, default its index)."""
+    xp = namespace(embeddings)
+    ids_of = np.arange(embeddings.shape[0]) if image_ids is None else np.asarray(image_ids)
+    scores, floor = [], np.inf
     for s in range(0, images.size, group):
-        rows = torch.as_tensor(images[s : s + group], device=embeddings.device)
-        ids = rows if image_ids is None else torch.as_tensor(image_ids[images[s : s + group]], device=embeddings.device)
-        queries = embeddings[rows].reshape(-1, embeddings.shape[-1])
-        sub = bank.without_images(ids)
-        patch, nearest = sub.score(queries, return_index=True)
-        scores.append(sub.image_scores(queries, patch.reshape(rows.numel(), -1), nearest, image_score).cpu())
-    return torch.cat(scores).numpy().astype(np.float32)
+        rows = images[s : s + group]
+        queries = xp.reshape(embeddings[xp.asarray(rows, device=device(embeddings))], (-1, embeddings.shape[-1]))
+        sub = bank.without_images(ids_of[rows])
+        patch, nearest = sub.score(queries)
+        patch = xp.reshape(patch, (rows.size, -1))
+        scores.append(to_numpy(image_scores(patch, image_score, bank=sub, queries=queries, nearest=nearest)))
+        floor = min(floor, float(xp.min(patch)))
+    return np.concatenate(scores).astype(np.float32), floor
 
 
 def choose_calibration_images(flagged: np.ndarray, seed: int) -> np.ndarray:
@@ -62,15 +68,3 @@ def threshold_from_scores(calib: np.ndarray) -> float:
     if calib.size < 3:
         return float(calib.max())
     return robust_limit(calib, THRESHOLD_MAD_FACTOR)
-
-
-def calibrate_threshold(embeddings: torch.Tensor, bank: MemoryBank, flagged: np.ndarray, seed: int,
-                        image_score: str = "max", image_ids: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """(threshold, the calibration images' scores) from ``embeddings`` [N, h, w, D] of
-    N >= 2 training images (``image_ids``: their ids in the bank, default 0..N-1)."""
-    n = embeddings.shape[0]
-    if n < 2:
-        raise ValueError("threshold calibration needs at least 2 training images")
-    chosen = choose_calibration_images(flagged, seed)
-    calib = leave_out_scores(embeddings, bank, chosen, image_score, calibration_group(n), image_ids)
-    return threshold_from_scores(calib), calib

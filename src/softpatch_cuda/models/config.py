@@ -4,7 +4,7 @@ One dataclass per model kind; its fields are exactly the keyword options of the
 model's constructor (``SoftPatch(lof_k=5)`` <-> ``SoftPatchConfig(lof_k=5)``), and the
 dataclass is what a model file stores (``to_dict`` / ``from_dict``). Run-time
 settings that do not change what a model computes -- the device and progress bars --
-are not part of it.
+are not part of it. Torch-free: the command line and the torch-free predictor read it.
 
 Presets: ``preset="paper"`` starts from the settings of the authors' code (see
 :data:`PAPER_PRESETS`); options given explicitly override the preset.
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
+from .._pixels import ImageTransform
 from .._validation import check_bool, check_choice, check_int, check_number
-from ..data.images import ImageTransform
-from ..denoise import (
-    ALIGNMENTS, DISCRIMINATORS, FUSIONS, RANK_SCOPES, WEIGHT_FUSIONS, WEIGHT_MODES, BankSpec, DenoiseSpec, DiscriminatorSettings,
-    check_shrinkage,
+from ..denoise.discriminators import DISCRIMINATORS, DiscriminatorSettings
+from ..denoise.spec import (
+    ALIGNMENTS, FUSIONS, RANK_SCOPES, WEIGHT_FUSIONS, WEIGHT_MODES, BankSpec, DenoiseSpec, check_shrinkage,
 )
-from ..memory_bank import DISTANCES, IMAGE_SCORES
+from ..memory_bank import MemoryBank
+from ..scoring import DISTANCES, IMAGE_SCORES
 from ..search import SEARCHES
 
 PRESETS: tuple[str, ...] = ("default", "paper")
@@ -35,6 +36,81 @@ def _as_tuple(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(value)
     return value
+
+
+def option(default: Any, check: Callable[[str, Any], Any], help: str | None = None, *, flag: str | None = None,
+           metavar: str | None = None, parse: Callable[[str], Any] | None = None,
+           choices: Sequence[str] | None = None, multiple: bool = False, negate: bool = False) -> Any:
+    """A config field and what is known about it, in one place: ``check(name, value)``
+    validates (and normalises) it -- the config runs it with the field's name, the command
+    line with the flag's; with ``help`` the field is a command-line option (``flag``,
+    default ``--field-name``; ``parse`` turns the text into a value; ``choices``;
+    ``multiple``: repeatable and comma lists; ``negate``: a flag that sets False)."""
+    meta = {"check": check}
+    if help is not None:
+        meta["cli"] = {"help": help, "flag": flag, "metavar": metavar, "parse": parse, "choices": choices,
+                       "multiple": multiple, "negate": negate}
+    return field(default=default, metadata=meta)
+
+
+def _backbone(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a timm model name, got {value!r}")
+    return value
+
+
+def _names(what: str) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> tuple[str, ...] | None:
+        value = _as_tuple(value)
+        if value is not None and (
+            not isinstance(value, tuple) or not value or not all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(f"{name} must be None or a non-empty list of {what}, got {value!r}")
+        return value
+    return check
+
+
+def _weights(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path or None, got {type(value).__name__}")
+    # resolved: a model fitted with a relative path still finds its weights elsewhere
+    return str(Path(os.fspath(value)).expanduser().resolve())
+
+
+def _int(lo: int, allow_none: bool = False) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_int(name, value, lo, allow_none=allow_none)
+
+
+def _number(lo: float | None = None, hi: float | None = None, **kw: Any) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_number(name, value, lo, hi, **kw)
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_choice(name, value, choices)
+
+
+def _discriminators(name: str, value: Any) -> tuple[str, ...]:
+    ds = _as_tuple(value)
+    if isinstance(ds, str):
+        ds = (ds,)
+    if not isinstance(ds, tuple) or not ds:
+        raise ValueError(f"{name} must be a non-empty list of {list(DISCRIMINATORS)}, got {ds!r}")
+    for d in ds:
+        check_choice(f"{name} entry", d, DISCRIMINATORS)
+    if len(set(ds)) != len(ds):
+        raise ValueError(f"{name} contain duplicates: {list(ds)}")
+    return ds
+
+
+def _size(text: str) -> int | None:
+    """A side length, or "none" (that step off)."""
+    return None if text.lower() in ("none", "0") else int(text)
+
+
+def _optional_number(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 @dataclass(frozen=True)
@@ -54,53 +130,43 @@ class PatchCoreConfig:
     "max" (the largest patch score) or "reweighted" (PatchCore paper, eq. 7). search:
     nearest-neighbour search, "exact" or "pca" (principal-subspace candidates with an
     exact re-rank: about 3x less work, a measured small tolerance; softpatch_cuda.search).
+
+    Each field's check (and, for the command-line options, flag and help) is in its
+    metadata (:func:`option`).
     """
 
-    backbone: str = "efficientnet_lite0"
-    layers: tuple[str, ...] | None = None
-    weights: str | None = None
-    pretrained: bool = True
-    embed_dim: int | None = None
-    proj_dim: int = 128
-    coreset_ratio: float = 0.1
-    coreset_shard_patches: int | None = 100_000
-    resize: int | None = 256
-    crop: int | None = 224
-    batch_size: int = 16
-    seed: int = 0
-    distance: str = "l2"
-    image_score: str = "max"
-    search: str = "exact"
+    backbone: str = option("efficientnet_lite0", _backbone, "timm CNN name", metavar="NAME")
+    layers: tuple[str, ...] | None = option(
+        None, _names("layer names"), "feature layers of the backbone, comma list (default: the backbone's default)",
+        metavar="L1,L2", multiple=True)
+    weights: str | None = option(None, _weights, "backbone weights (.pth/.safetensors state dict); default: "
+                                 "pretrained weights", metavar="FILE")
+    pretrained: bool = option(True, check_bool, "random backbone weights (for smoke tests only: results are "
+                              "meaningless)", flag="--no-pretrained", negate=True)
+    embed_dim: int | None = option(None, _int(1, allow_none=True))
+    proj_dim: int = option(128, _int(1))
+    coreset_ratio: float = option(0.1, _number(0.0, 1.0, lo_open=True),
+                                  "fraction of training patches kept in the memory bank", metavar="F", parse=float)
+    coreset_shard_patches: int | None = option(100_000, _int(1, allow_none=True))
+    resize: int | None = option(256, _int(1, allow_none=True), "resize images to N x N first ('none' keeps the size)",
+                                metavar="N", parse=_size)
+    crop: int | None = option(224, _int(1, allow_none=True), "then centre-crop N x N ('none' for no crop)",
+                              metavar="N", parse=_size)
+    batch_size: int = option(16, _int(1), "images per forward pass", metavar="N", parse=int)
+    seed: int = option(0, _int(0), "random seed (projection, coreset start)", parse=int)
+    distance: str = option("l2", _choice(DISTANCES), "nearest-neighbour distance (squared_l2 as the authors' code)",
+                           choices=DISTANCES)
+    image_score: str = option("max", _choice(IMAGE_SCORES), "image score: the largest patch score or PatchCore's "
+                              "eq. 7 re-weighting", choices=IMAGE_SCORES)
+    search: str = option("exact", _choice(SEARCHES), "nearest-neighbour search: exact or pca (principal-subspace "
+                         "candidates, exact re-rank: ~3x less k-NN work, small measured tolerance)", choices=SEARCHES)
 
     denoising: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backbone, str) or not self.backbone:
-            raise ValueError(f"backbone must be a timm model name, got {self.backbone!r}")
-        layers = _as_tuple(self.layers)
-        if layers is not None and (
-            not isinstance(layers, tuple) or not layers or not all(isinstance(l, str) for l in layers)
-        ):
-            raise ValueError(f"layers must be None or a non-empty list of layer names, got {self.layers!r}")
-        object.__setattr__(self, "layers", layers)
-        if self.weights is not None:
-            if not isinstance(self.weights, (str, os.PathLike)):
-                raise TypeError(f"weights must be a file path or None, got {type(self.weights).__name__}")
-            # resolved: a model fitted with a relative path still finds its weights elsewhere
-            object.__setattr__(self, "weights", str(Path(os.fspath(self.weights)).expanduser().resolve()))
-        check_bool("pretrained", self.pretrained)
-        check_int("embed_dim", self.embed_dim, 1, allow_none=True)
-        check_int("proj_dim", self.proj_dim, 1)
-        check_number("coreset_ratio", self.coreset_ratio, 0.0, 1.0, lo_open=True)
-        check_int("coreset_shard_patches", self.coreset_shard_patches, 1, allow_none=True)
-        check_int("resize", self.resize, 1, allow_none=True)
-        check_int("crop", self.crop, 1, allow_none=True)
+        for f in fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
         ImageTransform(resize=self.resize, crop=self.crop)  # crop <= resize
-        check_int("batch_size", self.batch_size, 1)
-        check_int("seed", self.seed, 0)
-        check_choice("distance", self.distance, DISTANCES)
-        check_choice("image_score", self.image_score, IMAGE_SCORES)
-        check_choice("search", self.search, SEARCHES)
 
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
@@ -137,6 +203,11 @@ class PatchCoreConfig:
     def transform(self) -> ImageTransform:
         return ImageTransform(resize=self.resize, crop=self.crop)
 
+    def memory_bank(self, features: Any, weights: Any, source_image: Any) -> MemoryBank:
+        """A bank of these rows that scores as this config says (distance, search): every
+        bank a fit merges or a model file holds is built here."""
+        return MemoryBank(features, weights, source_image, self.distance, self.search)
+
     def discriminator_settings(self) -> DiscriminatorSettings:
         """PatchCore runs LOF (default settings) only to fill the training report; too
         few images for it is not an error there."""
@@ -160,27 +231,21 @@ class _DenoisingConfig(PatchCoreConfig):
     also exceeds median + removal_mad * 1.4826 * MAD (None: the papers' fixed fraction).
     """
 
-    alignment: str = "auto"
-    window: int = 1
-    lof_k: int = 6
-    pool_size: int = 4096
-    soft_weights: bool = True
-    weight_mode: str = "outlier"
-    gaussian_shrinkage: float | str = "ledoit_wolf"
-    removal_mad: float | None = 6.0
+    alignment: str = option("auto", _choice(ALIGNMENTS), "which training patches are compared: auto, position (the "
+                            "paper), window, global", choices=ALIGNMENTS)
+    window: int = option(1, _int(1))
+    lof_k: int = option(6, _int(1), "LOF neighbours", metavar="K", parse=int)
+    pool_size: int = option(4096, _int(16))
+    soft_weights: bool = option(True, check_bool, "no soft weights (distances unscaled)", flag="--no-soft-weights",
+                                negate=True)
+    weight_mode: str = option("outlier", _choice(WEIGHT_MODES), "soft weights: outlier (1 for inliers), clamped, "
+                              "median (the papers)", choices=WEIGHT_MODES)
+    gaussian_shrinkage: float | str = option("ledoit_wolf", lambda name, value: check_shrinkage(value))
+    removal_mad: float | None = option(6.0, _number(0.0, allow_none=True), "the removal gate: a top-share patch goes "
+                                       "only if its score is above median + K * 1.4826 * MAD ('none': the whole top "
+                                       "share, as --removal fixed)", metavar="K", parse=_optional_number)
 
     denoising: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("alignment", self.alignment, ALIGNMENTS)
-        check_int("window", self.window, 1)
-        check_int("lof_k", self.lof_k, 1)
-        check_int("pool_size", self.pool_size, 16)
-        check_bool("soft_weights", self.soft_weights)
-        check_choice("weight_mode", self.weight_mode, WEIGHT_MODES)
-        check_shrinkage(self.gaussian_shrinkage)
-        check_number("removal_mad", self.removal_mad, 0.0, allow_none=True)
 
     def _settings(self, methods: tuple[str, ...]) -> DiscriminatorSettings:
         return DiscriminatorSettings(methods=methods, alignment=self.alignment, window=self.window, lof_k=self.lof_k,
@@ -192,18 +257,20 @@ class _DenoisingConfig(PatchCoreConfig):
                         soft_weights=self.soft_weights)
 
 
+_NOISE_THRESHOLD_HELP = "top share of patch outlier scores that may be kept out of the (classification) bank"
+_DISCRIMINATORS_HELP = (f"{', '.join(DISCRIMINATORS)}: softpatch takes one (default lof), softpatch-plus a comma "
+                        "list (default lof,gaussian)")
+
+
 @dataclass(frozen=True)
 class SoftPatchConfig(_DenoisingConfig):
     """SoftPatch: one discriminator ("lof", "nearest" or "gaussian"); noise_threshold:
     the top share of patch outlier scores that may be kept out of the memory bank."""
 
-    discriminator: str = "lof"
-    noise_threshold: float = 0.15
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("discriminator", self.discriminator, DISCRIMINATORS)
-        check_number("noise_threshold", self.noise_threshold, 0.0, 1.0, hi_open=True)
+    discriminator: str = option("lof", _choice(DISCRIMINATORS), _DISCRIMINATORS_HELP, flag="--discriminators",
+                                metavar="D1,D2", multiple=True)
+    noise_threshold: float = option(0.15, _number(0.0, 1.0, hi_open=True), _NOISE_THRESHOLD_HELP, metavar="F",
+                                    parse=float)
 
     def discriminator_settings(self) -> DiscriminatorSettings:
         return self._settings((self.discriminator,))
@@ -224,32 +291,19 @@ class SoftPatchPlusConfig(_DenoisingConfig):
     discriminators' soft weights combine, "min" (a patch weighs more than 1 only where
     every discriminator calls it an outlier) or "mean" (the papers' fused score)."""
 
-    discriminators: tuple[str, ...] = ("lof", "gaussian")
-    fusion: str = "mean"
-    cls_threshold: float = 0.15
-    seg_threshold: float = 0.2
-    rank_scope: str = "global"
-    seg_removal_gate: str = "none"
-    weight_fusion: str = "min"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        ds = _as_tuple(self.discriminators)
-        if isinstance(ds, str):
-            ds = (ds,)
-        if not isinstance(ds, tuple) or not ds:
-            raise ValueError(f"discriminators must be a non-empty list of {list(DISCRIMINATORS)}, got {ds!r}")
-        for d in ds:
-            check_choice("discriminators entry", d, DISCRIMINATORS)
-        if len(set(ds)) != len(ds):
-            raise ValueError(f"discriminators contain duplicates: {list(ds)}")
-        object.__setattr__(self, "discriminators", ds)
-        check_choice("fusion", self.fusion, FUSIONS)
-        check_number("cls_threshold", self.cls_threshold, 0.0, 1.0, hi_open=True)
-        check_number("seg_threshold", self.seg_threshold, 0.0, 1.0, hi_open=True)
-        check_choice("rank_scope", self.rank_scope, RANK_SCOPES)
-        check_choice("seg_removal_gate", self.seg_removal_gate, SEG_GATES)
-        check_choice("weight_fusion", self.weight_fusion, WEIGHT_FUSIONS)
+    discriminators: tuple[str, ...] = option(("lof", "gaussian"), _discriminators, _DISCRIMINATORS_HELP,
+                                             metavar="D1,D2", multiple=True)
+    fusion: str = option("mean", _choice(FUSIONS))
+    cls_threshold: float = option(0.15, _number(0.0, 1.0, hi_open=True), _NOISE_THRESHOLD_HELP,
+                                  flag="--noise-threshold", metavar="F", parse=float)
+    seg_threshold: float = option(0.2, _number(0.0, 1.0, hi_open=True), "share removed from the segmentation bank",
+                                  metavar="F", parse=float)
+    rank_scope: str = option("global", _choice(RANK_SCOPES))
+    seg_removal_gate: str = option("none", _choice(SEG_GATES), "segmentation bank gate (none: its whole top share "
+                                   "goes)", choices=SEG_GATES)
+    weight_fusion: str = option("min", _choice(WEIGHT_FUSIONS), "combine the discriminators' soft weights by min "
+                                "(every discriminator must call a patch an outlier) or mean (the papers)",
+                                choices=WEIGHT_FUSIONS)
 
     def discriminator_settings(self) -> DiscriminatorSettings:
         return self._settings(self.discriminators)

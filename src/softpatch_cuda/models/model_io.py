@@ -1,53 +1,55 @@
-"""Saving and loading fitted detectors (the file format itself: :mod:`softpatch_cuda.serialization`).
+"""Model files <-> fitted states (the file format itself: :mod:`softpatch_cuda.serialization`).
 
 Tensors: the projection, each bank's features / source images / soft weights, the
 training report's arrays. Header (JSON): model type, the typed config as-is, the
-threshold, the backbone spec, fit information and the report's names.
+threshold and score floor, the backbone spec, embed_dim, fit information and the
+report's names.
+
+:func:`read_state` verifies a file once and returns its state as numpy arrays (the
+torch-free predictor) or as torch tensors on a device (the detector); torch is imported
+only for the latter.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
+from .._interop import to_numpy
 from .._validation import is_int, is_number
 from .._version import __version__
-from ..memory_bank import MemoryBank
 from ..results import TrainingReport
-from ..runtime import resolve_device
-from ..serialization import write_model_file
-
-if TYPE_CHECKING:
-    from .detector import Detector
-
-BANK_NAMES = ("cls", "seg")
+from ..serialization import read_model_file, write_model_file
+from .config import PatchCoreConfig
+from .registry import MODEL_KINDS, ModelKind, kind_by_type
+from .state import BANK_NAMES, FittedState
 
 
-def save_model(model: "Detector", path: str | os.PathLike) -> None:
-    tensors: dict[str, torch.Tensor] = {"projection": model._projection}
-    for name, bank in zip(BANK_NAMES, (model._cls_bank, model._seg_bank)):
-        if bank is None:
-            continue
-        tensors[f"{name}_bank.features"] = bank.features
-        tensors[f"{name}_bank.source_image"] = bank.source_image
+def save_state(path: str | os.PathLike, model_type: str, config: PatchCoreConfig, state: FittedState) -> None:
+    """Write a fitted state (and the config and type of the model it belongs to) to ``path``."""
+    tensors: dict[str, np.ndarray] = {"projection": to_numpy(state.projection)}
+    for name, bank in state.banks.items():
+        tensors[f"{name}_bank.features"] = to_numpy(bank.features)
+        tensors[f"{name}_bank.source_image"] = to_numpy(bank.source_image)
         if bank.weights is not None:
-            tensors[f"{name}_bank.weights"] = bank.weights
-    rep = model._report
-    tensors["report.scores"] = torch.from_numpy(np.asarray(rep.scores, dtype=np.float32))
-    tensors["report.flagged"] = torch.from_numpy(np.asarray(rep.flagged, dtype=np.uint8))
-    tensors["report.removed_fraction"] = torch.from_numpy(np.asarray(rep.removed_fraction, dtype=np.float32))
+            tensors[f"{name}_bank.weights"] = to_numpy(bank.weights)
+    rep = state.report
+    tensors["report.scores"] = np.asarray(rep.scores, dtype=np.float32)
+    tensors["report.flagged"] = np.asarray(rep.flagged, dtype=np.uint8)
+    tensors["report.removed_fraction"] = np.asarray(rep.removed_fraction, dtype=np.float32)
     header = {
-        "model_type": model.model_type,
+        "model_type": model_type,
         "library_version": __version__,
-        "config": model.settings.to_dict(),
-        "threshold": model._threshold,
-        "backbone_spec": model._extractor.spec(),
-        "embed_dim": model._embedder.embed_dim,
-        "fit_info": model.fit_info_,
+        "config": config.to_dict(),
+        "threshold": state.threshold,
+        "score_floor": state.score_floor,
+        "backbone_spec": state.backbone_spec,
+        "embed_dim": state.embed_dim,
+        "fit_info": state.fit_info,
         "report": {"names": rep.names, "sources": rep.sources, "threshold": rep.threshold},
     }
     write_model_file(path, tensors, header)
@@ -57,18 +59,18 @@ def _fail(path: str, what: str) -> None:
     raise ValueError(f"{path}: corrupt model file ({what})")
 
 
-def _tensor(tensors: dict, key: str, path: str, ndim: int, dtypes: tuple, finite: bool = True) -> torch.Tensor:
-    t = tensors.get(key)
-    if t is None:
+def _array(tensors: dict, key: str, path: str, ndim: int, dtype: str, finite: bool = True) -> np.ndarray:
+    a = tensors.get(key)
+    if a is None:
         _fail(path, f"missing tensor {key!r}")
-    if t.ndim != ndim or t.dtype not in dtypes:
-        _fail(path, f"{key} has shape {tuple(t.shape)} and dtype {t.dtype}")
-    if finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+    if a.ndim != ndim or a.dtype.name != dtype:
+        _fail(path, f"{key} has shape {tuple(a.shape)} and dtype {a.dtype}")
+    if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
         _fail(path, f"{key} holds NaN or infinite values")
-    return t
+    return a
 
 
-def check_contents(tensors: dict[str, torch.Tensor], header: dict, path: str) -> None:
+def check_contents(tensors: dict[str, np.ndarray], header: dict, path: str) -> None:
     """Every stored array and header entry is of the right type, shape and range and the
     pieces agree with each other; a damaged model is refused here, never used."""
     if not isinstance(header.get("backbone_spec"), dict):
@@ -76,16 +78,19 @@ def check_contents(tensors: dict[str, torch.Tensor], header: dict, path: str) ->
     embed_dim = header.get("embed_dim")
     if not is_int(embed_dim) or embed_dim < 1:
         _fail(path, f"embed_dim {embed_dim!r}")
-    threshold = header.get("threshold")
-    if not is_number(threshold) or math.isnan(threshold):
-        _fail(path, f"threshold {threshold!r}")
+    for key, required in (("threshold", True), ("score_floor", False)):
+        value = header.get(key)
+        if (required or value is not None) and (not is_number(value) or not math.isfinite(value)):
+            _fail(path, f"{key} {value!r}")
+    if not isinstance(header.get("fit_info", {}), dict):
+        _fail(path, "fit_info")
     rep = header.get("report")
     if not isinstance(rep, dict) or not isinstance(rep.get("names"), list) or not isinstance(rep.get("sources"), list):
         _fail(path, "no training report")
     n = len(rep["names"])
     if n < 1 or len(rep["sources"]) != n or not all(isinstance(x, str) for x in rep["names"]):
         _fail(path, "training report names / sources")
-    proj = _tensor(tensors, "projection", path, 2, (torch.float32,))
+    proj = _array(tensors, "projection", path, 2, "float32")
     if proj.shape[0] != embed_dim:
         _fail(path, f"projection is {tuple(proj.shape)} but embed_dim is {embed_dim}")
     for name in BANK_NAMES:
@@ -93,52 +98,77 @@ def check_contents(tensors: dict[str, torch.Tensor], header: dict, path: str) ->
             if name == "cls":
                 _fail(path, "no classification memory bank")
             continue
-        feats = _tensor(tensors, f"{name}_bank.features", path, 2, (torch.float32,))
+        feats = _array(tensors, f"{name}_bank.features", path, 2, "float32")
         if feats.shape[0] < 1 or feats.shape[1] != embed_dim:
             _fail(path, f"{name} bank is {tuple(feats.shape)} for embed_dim {embed_dim}")
-        src = _tensor(tensors, f"{name}_bank.source_image", path, 1, (torch.int64,))
-        if src.shape[0] != feats.shape[0] or bool((src < 0).any()) or bool((src >= n).any()):
+        src = _array(tensors, f"{name}_bank.source_image", path, 1, "int64")
+        if src.shape[0] != feats.shape[0] or (src < 0).any() or (src >= n).any():
             _fail(path, f"{name} bank source images")
         if f"{name}_bank.weights" in tensors:
-            w = _tensor(tensors, f"{name}_bank.weights", path, 1, (torch.float32,))
-            if w.shape[0] != feats.shape[0] or bool((w < 0).any()):
+            w = _array(tensors, f"{name}_bank.weights", path, 1, "float32")
+            if w.shape[0] != feats.shape[0] or (w < 0).any():
                 _fail(path, f"{name} bank weights")
-    scores = _tensor(tensors, "report.scores", path, 1, (torch.float32,), finite=False)
-    if scores.shape[0] != n or not (bool(torch.isfinite(scores).all()) or bool(torch.isnan(scores).all())):
+    scores = _array(tensors, "report.scores", path, 1, "float32", finite=False)
+    if scores.shape[0] != n or not (np.isfinite(scores).all() or np.isnan(scores).all()):
         _fail(path, "training report scores")  # all NaN: a report without scores
-    flagged = _tensor(tensors, "report.flagged", path, 1, (torch.uint8,))
-    removed = _tensor(tensors, "report.removed_fraction", path, 1, (torch.float32,))
-    if flagged.shape[0] != n or bool((flagged > 1).any()) or removed.shape[0] != n \
-            or bool((removed < 0).any()) or bool((removed > 1).any()):
+    flagged = _array(tensors, "report.flagged", path, 1, "uint8")
+    removed = _array(tensors, "report.removed_fraction", path, 1, "float32")
+    if flagged.shape[0] != n or (flagged > 1).any() or removed.shape[0] != n or (removed < 0).any() \
+            or (removed > 1).any():
         _fail(path, "training report arrays")
 
 
-def restore_model(model: "Detector", tensors: dict[str, torch.Tensor], header: dict, path: str, device: str,
-                  weights: str | None = None) -> None:
-    """Fill a freshly constructed ``model`` from a verified model file's contents
-    (``weights``: the backbone weights file, overriding the stored path)."""
+@dataclass
+class StoredModel:
+    """A model file's contents: the kind of model, its typed config, its fitted state."""
+
+    kind: ModelKind
+    config: PatchCoreConfig
+    state: FittedState
+
+
+def read_state(path: str | os.PathLike, framework: str = "np", device: Any = "cpu") -> StoredModel:
+    """Read and verify a model file (checksum, types, shapes, ranges, finite values).
+    ``framework``: "np" (numpy arrays) or "pt" (torch tensors on ``device``)."""
+    if framework not in ("np", "pt"):
+        raise ValueError(f"framework must be 'np' or 'pt', got {framework!r}")
+    path = str(path)
+    tensors, header = read_model_file(path, framework="np")
+    kind = kind_by_type(header.get("model_type"))
+    if kind is None:
+        known = sorted(k.model_type for k in MODEL_KINDS)
+        raise ValueError(f"{path}: unknown model type {header.get('model_type')!r} (known: {known})")
+    stored = header.get("config")
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: corrupt model header (no config)")
+    try:
+        config = kind.config_class.from_dict(stored)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored config does not fit {kind.class_name}: {exc}") from exc
     check_contents(tensors, header, path)
-    dev = resolve_device(device)
-    model._build_components(dev, spec=header["backbone_spec"], weights=weights)
-    if model._embedder.embed_dim != header["embed_dim"]:
-        _fail(path, f"embed_dim {header['embed_dim']} but the backbone and config give {model._embedder.embed_dim}")
-    model._projection = tensors["projection"].to(dev)
+    if framework == "pt":
+        import torch  # noqa: PLC0415
+
+        def array(a: np.ndarray) -> Any:
+            return torch.from_numpy(np.array(a)).to(device)  # a writable copy: the file's buffer is read-only
+    else:
+        def array(a: np.ndarray) -> Any:
+            return np.ascontiguousarray(a)
+
     banks = {}
     for name in BANK_NAMES:
-        if f"{name}_bank.features" not in tensors:
-            continue
-        w = tensors.get(f"{name}_bank.weights")
-        banks[name] = MemoryBank(tensors[f"{name}_bank.features"].to(dev), None if w is None else w.to(dev),
-                                 tensors[f"{name}_bank.source_image"].to(dev), model.settings.distance,
-                                 model.settings.search)
-    model._cls_bank = banks["cls"]
-    model._seg_bank = banks.get("seg")
+        if f"{name}_bank.features" in tensors:
+            weights = tensors.get(f"{name}_bank.weights")
+            banks[name] = config.memory_bank(array(tensors[f"{name}_bank.features"]),
+                                             None if weights is None else array(weights),
+                                             array(tensors[f"{name}_bank.source_image"]))
     rep = header["report"]
-    model._report = TrainingReport(
-        list(rep["names"]), list(rep["sources"]), tensors["report.scores"].numpy(),
-        tensors["report.flagged"].numpy().astype(bool), float(rep.get("threshold", float("nan"))),
-        tensors["report.removed_fraction"].numpy(),
-    )
-    model._threshold = float(header["threshold"])
-    model.fit_info_ = dict(header.get("fit_info") or {})
-    model._fitted = True
+    report = TrainingReport(list(rep["names"]), list(rep["sources"]), np.array(tensors["report.scores"]),
+                            tensors["report.flagged"].astype(bool), float(rep.get("threshold", float("nan"))),
+                            np.array(tensors["report.removed_fraction"]))
+    fit_info = dict(header.get("fit_info") or {})
+    state = FittedState(projection=array(tensors["projection"]), banks=banks, report=report,
+                        threshold=float(header["threshold"]), score_floor=float(header.get("score_floor", 0.0)),
+                        alignment=fit_info.get("alignment"), alignment_statistic=fit_info.get("alignment_statistic"),
+                        backbone_spec=header["backbone_spec"], embed_dim=int(header["embed_dim"]), fit_info=fit_info)
+    return StoredModel(kind, config, state)

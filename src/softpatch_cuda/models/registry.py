@@ -1,26 +1,38 @@
-"""The one table of model kinds: type name (model files) <-> class <-> CLI name <-> display name."""
+"""The one table of model kinds: type name (model files) <-> class <-> config class <->
+CLI name <-> display name.
+
+Torch-free: the command line and the torch-free predictor read it; a kind's class
+(torch) is imported when it is first asked for.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
-from .detector import Detector
-from .kinds import PatchCore, SoftPatch, SoftPatchPlus
+from .config import PatchCoreConfig, SoftPatchConfig, SoftPatchPlusConfig
 
 
 @dataclass(frozen=True)
 class ModelKind:
     model_type: str  # stored in model files
-    cls: type[Detector]
+    config_class: type[PatchCoreConfig]
+    class_name: str  # in softpatch_cuda.models.kinds
     cli_name: str  # softpatch --model NAME
     display_name: str  # tables and reports
 
+    @property
+    def cls(self) -> type:
+        from . import kinds  # noqa: PLC0415 -- the detectors need torch
+
+        return getattr(kinds, self.class_name)
+
 
 MODEL_KINDS: tuple[ModelKind, ...] = (
-    ModelKind("softpatch", SoftPatch, "softpatch", "SoftPatch"),
-    ModelKind("softpatch_plus", SoftPatchPlus, "softpatch-plus", "SoftPatch+"),
-    ModelKind("patchcore", PatchCore, "patchcore", "PatchCore"),
+    ModelKind("softpatch", SoftPatchConfig, "SoftPatch", "softpatch", "SoftPatch"),
+    ModelKind("softpatch_plus", SoftPatchPlusConfig, "SoftPatchPlus", "softpatch-plus", "SoftPatch+"),
+    ModelKind("patchcore", PatchCoreConfig, "PatchCore", "patchcore", "PatchCore"),
 )
 CLI_NAMES: tuple[str, ...] = tuple(k.cli_name for k in MODEL_KINDS)
 
@@ -32,37 +44,22 @@ def kind_by_cli_name(name: str) -> ModelKind:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(CLI_NAMES)}")
 
 
-def kind_by_type(model_type: str) -> ModelKind | None:
+def kind_by_type(model_type: Any) -> ModelKind | None:
     return next((k for k in MODEL_KINDS if k.model_type == model_type), None)
 
 
-def kind_of(model: Detector) -> ModelKind:
-    return next(k for k in MODEL_KINDS if isinstance(model, k.cls))
+def kind_of(model: Any) -> ModelKind:
+    """The kind of a model (a detector, or the torch-free predictor) by its model type."""
+    return next(k for k in MODEL_KINDS if k.model_type == model.model_type)
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> Detector:
+def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> Any:
     """Load any model written by ``save`` (PatchCore, SoftPatch or SoftPatchPlus).
 
     The file is verified (checksum, types, ranges, finite values) and the rebuilt
     backbone's weights must match the fingerprint stored at fit. ``weights``: the
     backbone weights file when the stored path is not valid here (a moved model).
     """
-    from ..serialization import read_model_file  # noqa: PLC0415
-    from .model_io import restore_model  # noqa: PLC0415
+    from .detector import Detector  # noqa: PLC0415
 
-    tensors, header = read_model_file(path)
-    kind = kind_by_type(header.get("model_type"))
-    if kind is None:
-        known = sorted(k.model_type for k in MODEL_KINDS)
-        raise ValueError(f"{path}: unknown model type {header.get('model_type')!r} (known: {known})")
-    stored = header.get("config")
-    if not isinstance(stored, dict):
-        raise ValueError(f"{path}: corrupt model header (no config)")
-    try:
-        config = kind.cls.config_class.from_dict(stored)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: the stored config does not fit {kind.cls.__name__}: {exc}") from exc
-    model = kind.cls(device=device, **config.to_dict())
-    restore_model(model, tensors, header, str(path), model.config["device"],
-                  weights=None if weights is None else os.fspath(weights))
-    return model
+    return Detector.load(path, device=device, weights=weights)

@@ -1,10 +1,11 @@
-"""Export for deployment: the backbone + patch embedding as an ONNX graph (and OpenVINO IR).
+"""The exported embedding graph: the backbone + patch embedding as ONNX (and OpenVINO IR).
 
 Only the image -> patch-embedding computation goes into the graph. The memory bank(s),
 soft weights, threshold, projection and transform stay in the model's safetensors file:
 the graph is the size of the backbone whatever the training set (ONNX exports that put
 the bank inside the graph grow with it), and one graph serves every model fitted with
-the same backbone. :class:`softpatch_cuda.deploy.OnnxDetector` loads both, without torch.
+the same backbone. :class:`softpatch_cuda.deploy.OnnxDetector` loads both, without torch,
+and scores with the same code as the torch detector (:mod:`softpatch_cuda.scoring`).
 
 The graph: input ``pixels`` [B, 3, H, W] float32 (the model's transform already applied:
 resize, crop, ImageNet normalisation), output ``embeddings`` [B, h, w, D] float32; the
@@ -32,14 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._version import __version__
-from .embedding import _neighbourhood_grid
+from .._version import __version__
+from ..embedding import _neighbourhood_grid
+from ..serialization import write_atomically
+from .formats import GRAPH_FORMAT, GRAPH_VERSION, graph_format, load_graph
 
 logger = logging.getLogger(__name__)
 
-GRAPH_FORMAT = "softpatch_cuda.embedding_graph"
-GRAPH_VERSION = "1"
-FORMATS = ("onnx", "openvino")
 DEFAULT_OPSET = 17
 EXPORT_EXTRA = 'pip install "softpatch-cuda[export]"'
 
@@ -93,9 +93,11 @@ class EmbeddingGraph(torch.nn.Module):
 
 def _load(model: Any, weights: str | None = None) -> Any:
     if isinstance(model, (str, os.PathLike)):
-        from .models import load_model  # noqa: PLC0415
+        from ..models import load_model  # noqa: PLC0415
 
         return load_model(model, device="cpu", weights=weights)
+    if not model.is_fitted:
+        raise ValueError("export needs a fitted model (or a model file)")
     return model
 
 
@@ -109,11 +111,12 @@ def _example_input(model: Any, batch: int = 2) -> torch.Tensor:
 
 
 def graph_metadata(model: Any) -> dict[str, str]:
-    spec = model._extractor.spec()
+    extractor = model.embedder.extractor
+    spec = extractor.spec()
     return {
         "format": GRAPH_FORMAT, "format_version": GRAPH_VERSION, "softpatch_cuda": __version__,
         "backbone": spec["backbone"], "layers": ",".join(spec["layers"]), "fingerprint": spec["fingerprint"],
-        "embed_dim": str(model._embedder.embed_dim), "stride": str(model._extractor.strides[0]),
+        "embed_dim": str(model.embedder.embed_dim), "stride": str(extractor.strides[0]),
     }
 
 
@@ -128,16 +131,14 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
     except ImportError as exc:
         raise ImportError(f"ONNX export needs the onnx package: {EXPORT_EXTRA}") from exc
     model = _load(model, weights)
-    if model._embedder is None:
-        raise ValueError("export needs a fitted model (or a model file)")
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"export output {path} is a folder; give a file name such as {path / 'model.onnx'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    graph = EmbeddingGraph(model._embedder).eval().to("cpu")
+    graph = EmbeddingGraph(model.embedder).eval().to("cpu")
     example = _example_input(model)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    meta = graph_metadata(model)
+
+    def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             # the TorchScript-based exporter: the dynamo exporter needs onnxscript, an extra
             # dependency. Its deprecation notice and the tracer's warning about the grid-size
@@ -150,16 +151,13 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
                                             "embeddings": {0: "batch", 1: "grid_h", 2: "grid_w"}},
                               opset_version=opset, dynamo=False, do_constant_folding=True)
         proto = onnx.load(str(tmp))
-        meta = graph_metadata(model)
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_atomically(path, write)
     summary: dict[str, Any] = {"path": str(path), "format": "onnx", "opset": opset, "metadata": meta}
     if check:
         summary.update(check_graph(model, path, example))
@@ -167,15 +165,13 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
 
 
 def check_graph(model: Any, path: str | os.PathLike, pixels: torch.Tensor | None = None) -> dict:
-    """Run the exported graph (onnxruntime, or OpenVINO for .xml) and the torch embedding
-    on the same input: their largest absolute and relative differences."""
-    from .deploy import load_graph  # noqa: PLC0415
-
+    """Run the exported graph (by its format's engine) and the torch embedding on the same
+    input: their largest absolute and relative differences."""
     pixels = _example_input(model) if pixels is None else pixels
     run = load_graph(path)
     got = run(pixels.numpy())
     with torch.no_grad():
-        want = model._embedder(pixels).cpu().numpy()
+        want = model.embedder(pixels).cpu().numpy()
     if got.shape != want.shape:
         raise RuntimeError(f"the exported graph gives embeddings of shape {got.shape}, torch {want.shape}")
     diff = float(np.abs(got - want).max())
@@ -213,11 +209,9 @@ def export_openvino(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT
 
 
 def export(model: Any, path: str | os.PathLike, fmt: str = "onnx", **kwargs: Any) -> dict:
-    """:func:`export_onnx` or :func:`export_openvino` by ``fmt``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-    return (export_onnx if fmt == "onnx" else export_openvino)(model, path, **kwargs)
+    """Write ``model``'s embedding graph in format ``fmt`` (see ``formats.GRAPH_FORMATS``)."""
+    return graph_format(fmt).write(model, path, **kwargs)
 
 
-__all__ = ["AveragePool1d", "EmbeddingGraph", "FORMATS", "check_graph", "export", "export_onnx", "export_openvino",
+__all__ = ["AveragePool1d", "EmbeddingGraph", "check_graph", "export", "export_onnx", "export_openvino",
            "graph_metadata"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import softpatch_cuda
+from builders import CPU_ISAS, SUPPORTED_CPU_ISAS
 from softpatch_cuda import cuda_available, cuda_unavailable_reason
 
 
@@ -23,10 +23,6 @@ def rng():
     return np.random.default_rng(12345)
 
 
-CPU_ISAS = ("avx512", "avx2", "scalar")
-SUPPORTED_CPU_ISAS = softpatch_cuda.build_info()["cpu_isas"]
-
-
 @pytest.fixture(params=CPU_ISAS)
 def isa(request, monkeypatch):
     """Run a test once per CPU instruction-set path (SOFTPATCH_CPU_ISA); paths this
@@ -37,4 +33,22 @@ def isa(request, monkeypatch):
     return request.param
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+@pytest.fixture(scope="session")
+def fitted():
+    """``fitted(kind, **options)``: a model of that kind fitted (once per session) on
+    ``fitted.train`` with builders.FAST and the options -- the equality tests of the
+    sharded fit, the exported predictor and Ray share these fits."""
+    from builders import FAST, object_set
+
+    cache: dict = {}
+    train = list(object_set(16, 2, seed=11)[0])
+
+    def fit(kind, **options):
+        key = (kind.__name__, tuple(sorted(options.items(), key=lambda kv: kv[0])))
+        if key not in cache:
+            cache[key] = kind(**FAST, **options).fit(train)
+        return cache[key]
+
+    fit.train = train
+    return fit

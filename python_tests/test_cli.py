@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from builders import tiny_mvtec
 from softpatch_cuda import cli
 from softpatch_cuda.demo import app as demo_app
 
@@ -30,41 +31,9 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.Comple
                           timeout=timeout)
 
 
-def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    base = rng.normal(120, 12, (size, size, 1)) + np.linspace(0, 20, size)[None, :, None]
-    return np.clip(np.repeat(base, 3, axis=2), 0, 255).astype(np.uint8)
-
-
-def make_tiny_mvtec(root: Path, categories=("widget", "gadget"), n_train=8, n_good=3, n_bad=3, size=40, seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    for cat in categories:
-        base = root / cat
-        for i in range(n_train):
-            p = base / "train" / "good" / f"{i:03d}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_texture(rng, size)).save(p)
-        for i in range(n_good):
-            p = base / "test" / "good" / f"{i:03d}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_texture(rng, size)).save(p)
-        for i in range(n_bad):
-            img = _texture(rng, size)
-            mask = np.zeros((size, size), np.uint8)
-            y, x = rng.integers(6, size - 16, 2)
-            mask[y:y + 10, x:x + 10] = 255
-            img[mask > 0] = [250, 30, 30]
-            p = base / "test" / "spot" / f"{i:03d}.png"
-            m = base / "ground_truth" / "spot" / f"{i:03d}_mask.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            m.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(p)
-            Image.fromarray(mask).save(m)
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny_mvtec(tmp_path_factory.mktemp("mvtec"))
+    return tiny_mvtec(tmp_path_factory.mktemp("mvtec"))
 
 
 
@@ -100,10 +69,9 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_missing_data_exits_2_with_one_line(tmp_path):
-    proc = run_cli(["fit", str(tmp_path / "nothere"), "--out", str(tmp_path / "m.softpatch")], tmp_path)
-    assert proc.returncode == 2
-    line = _one_error_line(proc.stderr)
+def test_missing_data_exits_2_with_one_line(tmp_path, capsys):
+    assert cli.main(["fit", str(tmp_path / "nothere"), "--out", str(tmp_path / "m.softpatch")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
     assert "nothere" in line and "not found" in line
 
 
@@ -167,22 +135,18 @@ def test_model_kwargs_mapping():
     argv = ["fit", "x", "--out", "m", "--model", "softpatch-plus", "--noise-threshold", "0.2", "--seg-threshold", "0.4",
             "--layers", "a,b", "--layers", "c", "--resize", "none", "--crop", "48", "--coreset-ratio", "0.05", "-q"]
     args = parser.parse_args(argv)
-    cli._record_given_sizes(args, argv)
     kw = cli.model_kwargs(args)
-    assert kw == {"device": "auto", "progress": False, "coreset_ratio": 0.05, "layers": ["a", "b", "c"],
+    assert kw == {"device": "auto", "progress": False, "coreset_ratio": 0.05, "layers": ("a", "b", "c"),
                   "resize": None, "crop": 48, "cls_threshold": 0.2, "seg_threshold": 0.4}
     argv = ["fit", "x", "--out", "m", "--noise-threshold", "0.1", "--no-pretrained", "--alignment", "global"]
     args = parser.parse_args(argv)
-    cli._record_given_sizes(args, argv)
     kw = cli.model_kwargs(args)
     assert kw["noise_threshold"] == 0.1 and kw["pretrained"] is False and kw["alignment"] == "global"
     assert "resize" not in kw and "crop" not in kw and kw["progress"] is True
 
 
 def _kwargs(argv: list[str]) -> dict:
-    args = cli.build_parser().parse_args(["fit", "x", "--out", "m", *argv])
-    cli._record_given_sizes(args, argv)
-    return cli.model_kwargs(args)
+    return cli.model_kwargs(cli.build_parser().parse_args(["fit", "x", "--out", "m", *argv]))
 
 
 def test_denoising_options_and_preset_mapping():
@@ -190,7 +154,7 @@ def test_denoising_options_and_preset_mapping():
                   "--seg-removal-gate", "any", "--discriminators", "lof,nearest", "--lof-k", "5",
                   "--distance", "squared_l2", "--image-score", "reweighted", "--no-soft-weights"])
     assert kw["preset"] == "paper" and kw["removal_mad"] is None and kw["weight_mode"] == "median"
-    assert kw["seg_removal_gate"] == "any" and kw["discriminators"] == ["lof", "nearest"] and kw["lof_k"] == 5
+    assert kw["seg_removal_gate"] == "any" and kw["discriminators"] == ("lof", "nearest") and kw["lof_k"] == 5
     assert kw["distance"] == "squared_l2" and kw["image_score"] == "reweighted" and kw["soft_weights"] is False
     kw = _kwargs(["--discriminators", "gaussian", "--removal-mad", "4"])
     assert kw["discriminator"] == "gaussian" and kw["removal_mad"] == 4.0
@@ -205,6 +169,8 @@ def test_denoising_options_and_preset_mapping():
     (["--model", "patchcore", "--removal", "fixed"], "--removal does not apply to --model patchcore"),
     (["--model", "softpatch", "--seg-removal-gate", "any"], "--seg-removal-gate applies to --model softpatch-plus"),
     (["--discriminators", "lof,gaussian"], "takes one discriminator"),
+    (["--discriminators", "lof,forest", "--model", "softpatch-plus"], "--discriminators entry must be one of"),
+    (["--resize", "64", "--crop", "128"], "crop (128) cannot exceed resize (64)"),
     (["--removal", "fixed", "--removal-mad", "3"], "exclude each other"),
 ])
 def test_denoising_option_conflicts(argv, fragment, capsys):
@@ -216,12 +182,17 @@ def test_denoising_option_conflicts(argv, fragment, capsys):
 def test_bad_option_values_name_the_flag(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "d" / "a.png")
-    code = cli.main(["fit", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--removal-mad", "-1"])
-    err = capsys.readouterr().err
-    assert code == 2 and "--removal-mad must be a number >= 0" in err
+    for argv, message in ((["--removal-mad", "-1"], "--removal-mad must be a number >= 0 or None, got -1.0"),
+                          (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+                          (["--noise-threshold", "1.5"], "--noise-threshold must be a number in [0, 1), got 1.5"),
+                          (["--coreset-ratio", "nan"], "--coreset-ratio must be a number in (0, 1], got nan")):
+        code = cli.main(["fit", str(tmp_path / "d"), "--out", str(tmp_path / "m"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and f"softpatch: error: {message}" in err and err.count("\n") == 1, err
 
 
 # ------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     train = tiny / "widget" / "train" / "good"
     model = tmp_path / "models" / "widget.softpatch"
@@ -270,6 +241,7 @@ def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     assert captured.err.strip() == ""
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"
     proc = run_cli(["evaluate", "--dataset", "mvtec", "--root", str(tiny), "--noise", "0.25", "--model", "softpatch",

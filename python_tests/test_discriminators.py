@@ -5,13 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from sklearn.neighbors import LocalOutlierFactor
 
 from softpatch_cuda import denoise as disc
 from softpatch_cuda.denoise import gaussian, graphs
-from softpatch_cuda.memory_bank import MemoryBank, build_bank
-from softpatch_cuda.postprocess import gaussian_blur, map_to_input_size, patch_scores_to_maps
 
 
 def _features(n=10, h=3, w=4, d=5, seed=0):
@@ -183,83 +180,3 @@ def test_rank_normalise_and_fuse():
     assert disc.fuse([a, b], "max").tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="fusion"):
         disc.fuse([a], "median")
-
-
-# ------------------------------------------------------------------ memory bank
-def test_removed_patches_never_enter_the_bank():
-    rng = np.random.default_rng(0)
-    emb = torch.from_numpy(rng.standard_normal((200, 8)).astype(np.float32))
-    emb[:10] += 20  # far outliers: greedy k-center would pick them first
-    kept = torch.ones(200, dtype=torch.bool)
-    kept[:10] = False
-    image_index = torch.arange(200) // 20
-    bank, selected = build_bank(emb, emb, image_index, kept, None, 0.1, seed=0)
-    assert len(bank) == 19 and not bool((selected < 10).any())
-    assert torch.equal(bank.source_image, image_index[selected])
-    bank_all, sel_all = build_bank(emb, emb, image_index, None, None, 0.1, seed=0)
-    assert bool((sel_all < 10).any())
-
-
-def test_bank_scoring_weights_distance_and_exclusion():
-    feats = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
-    bank = MemoryBank(feats, torch.tensor([2.0, 1.0]), torch.tensor([0, 1]))
-    q = torch.tensor([[0.0, 3.0], [9.0, 0.0]])
-    assert bank.score(q).tolist() == pytest.approx([6.0, 1.0])
-    assert bank.score(q, exclude_images=torch.tensor([1])).tolist() == pytest.approx([6.0, 18.0])
-    sq = MemoryBank(feats, None, torch.tensor([0, 1]), "squared_l2")
-    assert sq.score(q).tolist() == pytest.approx([9.0, 1.0])
-    with pytest.raises(ValueError, match="empty memory bank"):
-        bank.score(q, exclude_images=torch.tensor([0, 1]))
-
-
-# ------------------------------------------------------------------ post-processing
-def test_gaussian_blur_matches_scipy():
-    x = np.random.default_rng(0).random((2, 40, 33)).astype(np.float32)
-    got = gaussian_blur(torch.from_numpy(x), 4.0).numpy()
-    ref = np.stack([ndimage.gaussian_filter(a.astype(np.float64), 4.0) for a in x])
-    np.testing.assert_allclose(got, ref, atol=1e-5)
-    small = np.random.default_rng(1).random((1, 5, 5)).astype(np.float32)  # radius > size
-    np.testing.assert_allclose(gaussian_blur(torch.from_numpy(small), 4.0).numpy()[0],
-                               ndimage.gaussian_filter(small[0].astype(np.float64), 4.0), atol=1e-5)
-
-
-def test_maps_and_input_size():
-    patch = torch.zeros(1, 4, 4)
-    patch[0, 1, 2] = 1.0
-    maps = patch_scores_to_maps(patch, (32, 32))
-    assert maps.shape == (1, 32, 32)
-    y, x = np.unravel_index(int(maps[0].argmax()), (32, 32))
-    assert 8 <= y < 16 and 16 <= x < 24
-    full = map_to_input_size(maps[0].numpy(), (60, 90), resize=40, crop=32)
-    assert full.shape == (60, 90)
-    # the crop border is filled with the map's edge values, not zeros
-    np.testing.assert_allclose(full[:, 0], full[:, 1], atol=0.05 * float(maps.max()))
-    assert map_to_input_size(maps[0].numpy(), (32, 32), None, None).shape == (32, 32)
-    assert map_to_input_size(maps[0].numpy(), (50, 40), None, 32).shape == (50, 40)
-
-
-def test_sharded_coreset_is_the_union_of_per_shard_greedy_selections():
-    from softpatch_cuda import ops
-    from softpatch_cuda.memory_bank import coreset_size, select_coreset, shard_ranges
-
-    assert shard_ranges(100, 10, None) == [(0, 100)]
-    assert shard_ranges(100, 10, 100) == [(0, 100)]
-    assert shard_ranges(100, 10, 35) == [(0, 20), (20, 50), (50, 80), (80, 100)]  # whole images, even
-    assert shard_ranges(100, 10, 5) == [(a, a + 10) for a in range(0, 100, 10)]  # at least one image
-    rng = np.random.default_rng(0)
-    proj = torch.from_numpy(rng.normal(size=(120, 8)).astype(np.float32))
-    kept = torch.ones(120, dtype=torch.bool)
-    kept[::7] = False
-    got = select_coreset(proj, kept, 0.2, seed=3, shard_patches=50, patches_per_image=10)
-    want = []
-    for shard, (a, b) in enumerate(shard_ranges(120, 10, 50)):
-        w = kept[a:b].float()
-        m = coreset_size(int(kept[a:b].sum()), 0.2)
-        want += (np.asarray(ops.kcenter_greedy_approx(proj[a:b], m, n_anchors=10, seed=3 + shard,
-                                                      sample_weight=w)) + a).tolist()
-    assert got.tolist() == want and all(bool(kept[i]) for i in got)
-    # one shard: exactly the single greedy pass
-    single = select_coreset(proj, kept, 0.2, seed=3)
-    ref = ops.kcenter_greedy_approx(proj, coreset_size(int(kept.sum()), 0.2), n_anchors=10, seed=3,
-                                    sample_weight=kept.float())
-    assert single.tolist() == np.asarray(ref).tolist()

@@ -8,7 +8,7 @@ import torch
 
 from softpatch_cuda.backbone import FeatureExtractor
 from softpatch_cuda.embedding import PatchEmbedder, aggregate_patches, random_projection
-from conftest import DEVICES
+from builders import DEVICES
 
 
 def _bilinear_weights(out_size: int, in_size: int) -> np.ndarray:

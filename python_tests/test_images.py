@@ -144,10 +144,10 @@ def test_names_sources_and_lazy_batching(tmp_path, picture, monkeypatch):
     for i in range(5):
         Image.fromarray(picture).save(tmp_path / f"{i}.png")
     calls = []
-    import softpatch_cuda.data.images as images_mod
+    import softpatch_cuda._pixels as pixels_mod
 
-    real = images_mod.load_image
-    monkeypatch.setattr(images_mod, "load_image", lambda p: calls.append(p) or real(p))
+    real = pixels_mod.load_image
+    monkeypatch.setattr(pixels_mod, "load_image", lambda p: calls.append(p) or real(p))
     batches = iter_batches(tmp_path, SMALL, batch_size=2)
     first = next(batches)
     assert len(calls) == 2  # the folder is read one batch at a time
@@ -196,7 +196,7 @@ def test_bad_inputs(tmp_path, picture):
 # -------------------------------------------------------------------- transform
 def test_transform_normalisation_and_geometry(picture):
     t = ImageTransform(resize=None, crop=None)
-    out = t.image(Image.fromarray(picture))
+    out = torch.from_numpy(t.pixels(Image.fromarray(picture)))
     expected = (torch.from_numpy(picture).permute(2, 0, 1).float() / 255.0 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) \
         / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(out, expected)

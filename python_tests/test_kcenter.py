@@ -16,7 +16,7 @@ import torch
 from softpatch_cuda import _reference as R
 from softpatch_cuda import ops
 
-from conftest import SUPPORTED_CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
+from builders import SUPPORTED_CPU_ISAS as ISAS, several_isas  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _harness as H  # noqa: E402
@@ -195,6 +195,7 @@ def test_steps_big_enough_for_threads():
                                   R.kcenter_greedy_approx(x, 40, _anchors(len(x), 10, 4)))
 
 
+@several_isas
 def test_isa_paths_agree():
     x = H.gaussian_features(1500, 130, seed=6)
     outs = []

@@ -16,7 +16,7 @@ import torch
 from softpatch_cuda import _reference as ref
 from softpatch_cuda import ops
 
-from conftest import SUPPORTED_CPU_ISAS as SUPPORTED  # noqa: E402  (the `isa` fixture lives there too)
+from builders import SUPPORTED_CPU_ISAS as SUPPORTED, several_isas  # noqa: E402
 
 
 def randn(rng, *shape, dtype=np.float32):
@@ -133,6 +133,7 @@ def test_knn_float16_inputs(rng, isa):
     assert_knn_equal(got, queries.astype(np.float32), bank.astype(np.float32), 3)
 
 
+@several_isas
 def test_knn_same_result_on_every_isa(rng, monkeypatch):
     queries, bank = randn(rng, 100, 77), randn(rng, 700, 77)
     results = {}

@@ -12,7 +12,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from softpatch_cuda import _reference as R
 from softpatch_cuda import ops
 
-from conftest import SUPPORTED_CPU_ISAS as ISAS  # noqa: E402  (the `isa` fixture lives there too)
+from builders import SUPPORTED_CPU_ISAS as ISAS, several_isas  # noqa: E402
 
 
 
@@ -155,6 +155,7 @@ def test_non_contiguous_and_torch_inputs():
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
 
 
+@several_isas
 def test_isa_paths_agree():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((5, 70, 45)).astype(np.float32)

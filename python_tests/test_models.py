@@ -13,41 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from builders import FAST, SIZE, aligned_object, object_set
 from softpatch_cuda import PatchCore, Prediction, SoftPatch, SoftPatchPlus, TrainingReport
-
-SIZE = 64
-FAST = dict(backbone="resnet18", pretrained=False, resize=SIZE, crop=SIZE, device="cpu", batch_size=8)
-
-
-# ------------------------------------------------------------------ synthetic data
-def aligned_object(rng: np.random.Generator, defect: bool = False, size: int = SIZE) -> np.ndarray:
-    """A rendered, nearly aligned object: a ringed disc on a grey background, +-1 px
-    jitter, lighting and sensor noise. Defect: a dark square on the object."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cy, cx = size / 2 + rng.integers(-1, 2), size / 2 + rng.integers(-1, 2)
-    r = np.hypot(yy - cy, xx - cx)
-    img = np.full((size, size, 3), 0.35, np.float32)
-    disc = r < size * 0.36
-    img[disc] = (0.75, 0.6, 0.3)
-    ring = (r > size * 0.18) & (r < size * 0.24)
-    img[ring] = (0.2, 0.3, 0.7)
-    img[r < size * 0.08] = (0.9, 0.9, 0.9)
-    img *= rng.uniform(0.95, 1.05)
-    if defect:
-        s = size // 8
-        angle = rng.uniform(0, 2 * np.pi)
-        rad = rng.uniform(0.12, 0.28) * size
-        y0, x0 = int(cy + rad * np.sin(angle)) - s // 2, int(cx + rad * np.cos(angle)) - s // 2
-        img[y0 : y0 + s, x0 : x0 + s] = (0.05, 0.05, 0.05)
-    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-def object_set(n: int, n_defect: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = np.array([0] * n + [1] * n_defect)
-    return np.stack([aligned_object(rng, bool(lab)) for lab in labels]), labels
-
 
 def margin(labels: np.ndarray, scores: np.ndarray) -> float:
     """Median defect score over the highest normal score: how far typical defects stand out."""
@@ -161,7 +128,7 @@ def test_deterministic_with_seed(clean_data):
 
 def test_patchcore_has_no_denoising(clean_data):
     model = PatchCore(**FAST).fit(clean_data)
-    assert model._cls_bank.weights is None and model._seg_bank is None
+    assert model.state.cls_bank.weights is None and model.state.seg_bank is None
     assert np.all(model.training_report().removed_fraction == 0)
     assert model.fit_info_["cls_removed"] == 0
     assert "alignment" not in model.config and "noise_threshold" not in model.config
@@ -174,9 +141,9 @@ def test_softpatch_plus_two_banks(clean_data):
     total = len(clean_data) * 8 * 8
     assert model.fit_info_["cls_removed"] == int(0.15 * total)
     assert model.fit_info_["seg_removed"] == int(0.5 * total)
-    assert len(model._seg_bank) < len(model._cls_bank)
+    assert len(model.state.seg_bank) < len(model.state.cls_bank)
     # weights normalised so a kept (inlier) patch weighs about 1
-    assert 0.8 < float(model._cls_bank.weights.median()) < 1.3
+    assert 0.8 < float(model.state.cls_bank.weights.median()) < 1.3
 
 
 def test_softpatch_plus_gates_remove_only_robust_outliers(clean_data):
@@ -193,7 +160,7 @@ def test_softpatch_plus_gates_remove_only_robust_outliers(clean_data):
     with pytest.raises(ValueError, match="seg_removal_gate"):
         SoftPatchPlus(**FAST, seg_removal_gate="some")
     # soft weights never below 1, and exactly 1 for most (normal) patches
-    w = model._cls_bank.weights
+    w = model.state.cls_bank.weights
     assert float(w.min()) >= 1.0 and float((w == 1.0).float().mean()) > 0.5
 
 

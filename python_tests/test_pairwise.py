@@ -12,7 +12,7 @@ import torch
 from softpatch_cuda import _reference as ref
 from softpatch_cuda import ops
 
-from conftest import SUPPORTED_CPU_ISAS as SUPPORTED  # noqa: E402  (the `isa` fixture lives there too)
+from builders import SUPPORTED_CPU_ISAS as SUPPORTED, several_isas  # noqa: E402
 
 
 def randn(rng, *shape, dtype=np.float32):
@@ -91,6 +91,7 @@ def test_pairwise_float16(rng, isa):
     assert_close_to_reference(got, a.astype(np.float32), b.astype(np.float32))
 
 
+@several_isas
 def test_pairwise_same_on_every_isa(rng, monkeypatch):
     a, b = randn(rng, 90, 100), randn(rng, 260, 100)
     outs = []

@@ -1,5 +1,5 @@
-"""The fit phases one by one, each from explicit inputs (no Detector):
-embed -> denoise -> build banks -> training report -> calibrate."""
+"""The fit phases one by one, each from explicit inputs (no Detector): embed, then
+(softpatch_cuda.models.phases) prepare -> denoise -> select on a shard, merge -> calibrate."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import torch
 
 from softpatch_cuda.backbone import FeatureExtractor
 from softpatch_cuda.data.images import ImageTransform
-from softpatch_cuda.denoise import BankSpec, DenoiseSpec, DiscriminatorSettings, plan_banks, score_patches
+from softpatch_cuda.denoise import BankSpec, DenoiseSpec, DiscriminatorSettings, flag_images, plan_banks, score_patches
 from softpatch_cuda.embedding import PatchEmbedder, embed_images
-from softpatch_cuda.memory_bank import build_banks, coreset_size
-from softpatch_cuda.models.calibration import calibrate_threshold, leave_out_scores
-from softpatch_cuda.results import TrainingReport
+from softpatch_cuda.models import SoftPatchPlusConfig, phases
+from softpatch_cuda.models.calibration import leave_out_scores
 
 
 @pytest.fixture(scope="module")
@@ -54,33 +53,63 @@ def test_denoise_phase():
     assert empty.raw == {} and empty.alignment is None
 
 
-def test_build_banks_phase():
-    rng = np.random.default_rng(2)
-    emb = torch.from_numpy(rng.normal(size=(60, 16)).astype(np.float32))
-    proj = emb[:, :4].contiguous()
-    image_index = torch.arange(6).repeat_interleave(10)
-    kept = {"cls": torch.ones(60, dtype=torch.bool), "seg": torch.arange(60) % 3 != 0}
-    weights = {"cls": torch.linspace(1, 2, 60), "seg": None}
-    banks = build_banks(emb, proj, image_index, kept, weights, 0.25, seed=0)
-    assert len(banks["cls"]) == coreset_size(60, 0.25) and len(banks["seg"]) == coreset_size(40, 0.25)
-    seg_rows = [int(torch.nonzero((emb == row).all(1))[0]) for row in banks["seg"].features]
-    assert all(r % 3 != 0 for r in seg_rows)  # removed rows never enter the bank
-    assert banks["seg"].weights is None and banks["cls"].weights.shape == (len(banks["cls"]),)
-    torch.testing.assert_close(banks["cls"].source_image, image_index[[
-        int(torch.nonzero((emb == row).all(1))[0]) for row in banks["cls"].features]])
+def _embedded(n: int = 12, seed: int = 2):
+    from softpatch_cuda.embedding import EmbeddedImages
+
+    rng = np.random.default_rng(seed)
+    emb = torch.from_numpy(rng.normal(size=(n, 4, 4, 16)).astype(np.float32))
+    emb[min(5, n - 1), 1:3, 1:3] += 8.0  # a defect in image 5
+    return EmbeddedImages(emb, [f"image_{i}" for i in range(n)], [None] * n, [(4, 4)] * n,
+                          [f"digest{i}" for i in range(n)])
 
 
-def test_report_phase():
-    names, sources = ["a", "b", "c"], ["/x/a.png", None, "/x/c.png"]
-    empty = TrainingReport.from_denoising(names, sources, None)
-    assert np.isnan(empty.scores).all() and not empty.flagged.any() and math.isnan(empty.threshold)
-    z = torch.ones(3, 4, 4)
-    z[2, 0, 0] = 9.0
-    res = plan_banks({"lof": z}, DenoiseSpec(banks=(BankSpec("cls", 0.0, removal="none"),)))
-    rep = TrainingReport.from_denoising(names, sources, res)
-    assert rep.flagged.tolist() == [False, False, True]
-    spread = rep.expanded(names + ["a copy"], sources + [None], [0, 1, 2, 2])
-    assert spread.scores[3] == spread.scores[2] and spread.names[3] == "a copy"
+SETTINGS = phases.FitSettings(SoftPatchPlusConfig(proj_dim=8, coreset_ratio=0.25, alignment="position", lof_k=4,
+                                                  seg_threshold=0.3))
+
+
+def test_prepare_phase_finds_duplicates_and_projects():
+    embedded = _embedded()
+    embedded.digests[7] = embedded.digests[2]  # image 7 duplicates image 2
+    prepared = phases.prepare(embedded, SETTINGS)
+    assert prepared.distinct == [i for i in range(12) if i != 7] and prepared.original_of[7] == 2
+    assert prepared.projected.shape == (11 * 16, 8) and prepared.grid == (4, 4)
+    with pytest.raises(ValueError, match="1x1 patch grid.*at least 17x17 pixels"):
+        phases.check_grid(1, 1, 8)
+
+
+def test_select_phase_keeps_the_plans_coreset_of_the_kept_patches():
+    prepared = phases.prepare(_embedded(), SETTINGS)
+    denoised = phases.denoise(prepared, SETTINGS)
+    parts = phases.select(prepared, denoised, SETTINGS)
+    assert set(parts) == {"cls", "seg"}
+    for name, part in parts.items():
+        kept = denoised.result.kept[name]
+        assert part.kept == int(kept.sum())
+        assert len(part.image_ids) == phases.coreset_plan(SETTINGS.config).size(part.kept)
+        rows = [int(torch.nonzero((prepared.flat == row).all(1))[0]) for row in part.features]
+        assert all(bool(kept[r]) for r in rows)  # removed patches never enter a bank
+        assert part.image_ids.tolist() == [r // 16 for r in rows]
+    assert (~denoised.result.kept["seg"]).reshape(12, 16)[5].sum() >= 4  # the defect left the maps' bank
+
+
+def test_merge_and_report_phases():
+    result = phases.fit_shard(_embedded(), SETTINGS)
+    merged = phases.merge([result], SETTINGS, "cpu", n_images=12)
+    assert merged.report.names == [f"image_{i}" for i in range(12)] and int(np.argmax(merged.report.scores)) == 5
+    assert merged.report.flagged[5] and merged.report.flagged.tolist() == flag_images(merged.report.scores)[0].tolist()
+    bank = merged.banks["cls"]
+    assert bank.distance == "l2" and bank.search == "exact" and len(bank) == len(result.banks["cls"].image_ids)
+    with pytest.raises(RuntimeError, match="returned 12 images, expected 13"):
+        phases.merge([result], SETTINGS, "cpu", n_images=13)
+
+
+def test_a_report_without_scores():
+    from softpatch_cuda.models import PatchCoreConfig
+
+    settings = phases.FitSettings(PatchCoreConfig(proj_dim=8, coreset_ratio=0.5))  # LOF needs 7 images: 4 given
+    result = phases.fit_shard(_embedded(4), settings)
+    report = phases.merge([result], settings, "cpu").report
+    assert np.isnan(report.scores).all() and not report.flagged.any() and math.isnan(report.threshold)
 
 
 def test_calibrate_phase():
@@ -91,13 +120,16 @@ def test_calibrate_phase():
     bank = MemoryBank(emb.reshape(-1, 8), None, torch.arange(20).repeat_interleave(9))
     flagged = np.zeros(20, bool)
     flagged[[2, 7]] = True
-    thr, calib = calibrate_threshold(emb, bank, flagged, seed=0)
-    assert calib.size == 16 and math.isfinite(thr)
+    merged = phases.Merged({"cls": bank}, np.arange(20), flagged, None, None, None, (3, 3), 8, {}, [], {}, 0)
+    settings = phases.FitSettings(SoftPatchPlusConfig())
+    calib = phases.calibrate(bank, merged, settings, lambda ids: emb[torch.as_tensor(ids)])
+    assert calib.scores.size == 16 and math.isfinite(calib.threshold)
     # the calibration images were scored without their own patches: scores far from 0
-    assert calib.min() > 0.1
+    assert calib.scores.min() > 0.1 and 0 < calib.score_floor <= calib.scores.min()
     chosen = np.sort(np.random.default_rng(17).choice(np.flatnonzero(~flagged), size=16, replace=False))
-    np.testing.assert_allclose(calib, leave_out_scores(emb, bank, chosen, "max", 4))
-    med = np.median(calib)
-    assert thr == pytest.approx(med + 3 * 1.4826 * np.median(np.abs(calib - med)), rel=1e-6)
+    np.testing.assert_allclose(calib.scores, leave_out_scores(emb, bank, chosen, "max", 4)[0])
+    med = np.median(calib.scores)
+    assert calib.threshold == pytest.approx(med + 3 * 1.4826 * np.median(np.abs(calib.scores - med)), rel=1e-6)
+    one = phases.Merged({"cls": bank}, np.arange(1), flagged[:1], None, None, None, (3, 3), 8, {}, [], {}, 0)
     with pytest.raises(ValueError, match="at least 2"):
-        calibrate_threshold(emb[:1], bank, flagged[:1], seed=0)
+        phases.calibrate(bank, one, settings, lambda ids: emb[torch.as_tensor(ids)])

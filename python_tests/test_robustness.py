@@ -19,12 +19,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from builders import FAST, TINY_CLI, object_set, write_images
 from softpatch_cuda import PatchCore, SoftPatch, SoftPatchPlus, cli, load_model, ops
 from softpatch_cuda.jobs import predict_to_folder
 from softpatch_cuda.serialization import CHECKSUM_KEY, METADATA_KEY, content_checksum, read_model_file
-from test_models import FAST, object_set
-
-TINY_CLI = ["--backbone", "resnet18", "--no-pretrained", "--resize", "32", "--crop", "32", "--device", "cpu", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -218,18 +216,8 @@ def test_knn_refuses_negative_weights():
 
 
 # ------------------------------------------------------------------ runs that lose nothing
-def _write_images(folder: Path, arrays) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, a in enumerate(arrays):
-        p = folder / f"{i:03d}.png"
-        Image.fromarray(a).save(p)
-        paths.append(str(p))
-    return paths
-
-
 def test_unwritable_fit_output_fails_before_training(data, tmp_path, capsys):
-    _write_images(tmp_path / "train", data[0])
+    write_images(tmp_path / "train", data[0])
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the output folder should be")  # unwritable even for root
     code = cli.main(["fit", str(tmp_path / "train"), "--out", str(blocker / "m.softpatch"), *TINY_CLI])
@@ -244,7 +232,7 @@ def test_unwritable_fit_output_fails_before_training(data, tmp_path, capsys):
 
 def test_predict_replaces_old_outputs_and_skips_or_fails_on_corrupt_images(data, tmp_path):
     model = PatchCore(**FAST).fit(data[0])
-    good = _write_images(tmp_path / "imgs", data[1])
+    good = write_images(tmp_path / "imgs", data[1])
     out = tmp_path / "out"
     first = predict_to_folder(model, good, out, chunk=2)
     assert len(list((out / "overlays").iterdir())) == 6 and first.n_errors == 0
@@ -279,7 +267,7 @@ def test_huge_image_overlay_is_bounded(data, tmp_path):
 
 def test_mixed_sizes_without_resize_is_one_line_exit_2(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    _write_images(tmp_path / "a", [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8) for _ in range(4)])
+    write_images(tmp_path / "a", [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8) for _ in range(4)])
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a" / "odd.png")
     code = cli.main(["fit", str(tmp_path / "a"), "--out", str(tmp_path / "m.softpatch"), "--model", "patchcore",
                      "--backbone", "resnet18", "--no-pretrained", "--resize", "none", "--crop", "none",

@@ -41,13 +41,23 @@ def test_bank_search_modes_and_weights():
     queries = _clustered(50, 96, 3)
     exact = MemoryBank(bank, weights, torch.zeros(500, dtype=torch.int64))
     pca = MemoryBank(bank, weights, torch.zeros(500, dtype=torch.int64), search="pca")
-    s_exact, i_exact = exact.score(queries, return_index=True)
+    s_exact, i_exact = exact.score(queries)
     ref = ops.knn(queries, bank, 1, weights=weights)
     torch.testing.assert_close(s_exact, ref.scores, rtol=0, atol=0)
-    s_pca, i_pca = pca.score(queries, return_index=True)
+    s_pca, i_pca = pca.score(queries)
     agree = i_pca == i_exact
     assert agree.float().mean() >= 0.95
     torch.testing.assert_close(s_pca[agree], s_exact[agree], rtol=1e-5, atol=1e-6)
     # a tiny bank is searched exactly whatever the mode
     small = MemoryBank(bank[:20], None, torch.zeros(20, dtype=torch.int64), search="pca")
-    torch.testing.assert_close(small.score(queries), ops.knn(queries, bank[:20], 1).distances[:, 0])
+    torch.testing.assert_close(small.score(queries)[0], ops.knn(queries, bank[:20], 1).distances[:, 0])
+
+
+def test_pca_search_on_numpy_equals_it_on_torch():
+    """The torch-free predictor searches a "pca" bank with the same index, on numpy."""
+    bank = _clustered(800, 96, 4)
+    queries = _clustered(60, 96, 5)
+    dist_t, idx_t = PrincipalSubspaceIndex(bank).search(queries)
+    dist_n, idx_n = PrincipalSubspaceIndex(bank.numpy()).search(queries.numpy())
+    assert isinstance(dist_n, np.ndarray) and np.array_equal(idx_n, idx_t.numpy())
+    np.testing.assert_allclose(dist_n, dist_t.numpy(), rtol=1e-6)

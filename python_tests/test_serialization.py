@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from softpatch_cuda import PatchCore, SoftPatch, SoftPatchPlus, load_model
 from softpatch_cuda.serialization import FORMAT_VERSION, METADATA_KEY, read_model_file, write_model_file
-from test_models import FAST, object_set
+from builders import FAST, object_set
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,29 @@
-"""The sharded fit (softpatch_cuda.sharded): one shard is the single-process fit, several
-shards give one ordinary model, the composable coreset's covering bound, the memory
-budget chosen and refused before any work, the CLI flags.
+"""The sharded fit (softpatch_cuda.scale.sharded): one shard is the single-process fit
+for every model kind and setting, several shards give one ordinary model, the composable
+coreset's covering bound, the memory budget chosen and refused before any work, the CLI
+flags.
 
 Random-weight resnet18 at 64 px on rendered objects: small and CPU-only.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
+from builders import FAST, TINY_CLI, object_set, write_images
 from softpatch_cuda import PatchCore, SoftPatch, SoftPatchPlus, cli, load_model, ops
-from softpatch_cuda.memory_bank import coreset_size
-from softpatch_cuda.sharded import (
-    BankPart, _gather, _reduce_union, fit_sharded, parse_memory, plan_memory, plan_shards, run_shard, ShardSpec,
-)
-from test_models import FAST, object_set
+from softpatch_cuda.memory_bank import CoresetPlan
+from softpatch_cuda.models import phases
+from softpatch_cuda.scale import memory_plan
+from softpatch_cuda.scale.memory_plan import parse_memory, plan_memory
+from softpatch_cuda.scale.sharded import ShardJob, fit_sharded, plan_shards, run_shard
 
 KINDS = [PatchCore, SoftPatch, SoftPatchPlus]
+SETTINGS = list(itertools.product(["l2", "squared_l2"], ["max", "reweighted"], ["exact", "pca"], [1, "auto"]))
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +32,11 @@ def train():
 
 
 @pytest.fixture(scope="module")
-def test_images():
+def test_set():
     return object_set(3, 3, seed=12)
 
 
-def _same_bank(a, b) -> None:
+def same_bank(a, b) -> None:
     assert (a is None) == (b is None)
     if a is None:
         return
@@ -42,37 +45,57 @@ def _same_bank(a, b) -> None:
     assert (a.weights is None) == (b.weights is None)
     if a.weights is not None:
         assert torch.equal(a.weights, b.weights)
+    assert (a.distance, a.search) == (b.distance, b.search)
 
 
+@pytest.mark.parametrize("distance,image_score,search,threads", SETTINGS, ids=lambda v: str(v))
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
-def test_one_shard_is_the_single_process_fit(kind, train, test_images):
-    single = kind(**FAST).fit(train)
-    sharded = fit_sharded(kind(**FAST), train)
-    _same_bank(single._cls_bank, sharded._cls_bank)
-    _same_bank(single._seg_bank, sharded._seg_bank)
-    assert sharded.threshold == single.threshold
+def test_one_shard_is_the_single_process_fit(kind, distance, image_score, search, threads, train, test_set):
+    options = dict(FAST, distance=distance, image_score=image_score, search=search, threads=threads)
+    single = kind(**options).fit(train)
+    sharded = fit_sharded(kind(**options), train)
+    same_bank(single.state.cls_bank, sharded.state.cls_bank)
+    same_bank(single.state.seg_bank, sharded.state.seg_bank)
+    assert sharded.state.cls_bank.search == search  # the sharded fit used to drop it
+    assert sharded.threshold == single.threshold and sharded.state.score_floor == single.state.score_floor
     ra, rb = single.training_report(), sharded.training_report()
     assert ra.names == rb.names and np.array_equal(ra.flagged, rb.flagged)
     np.testing.assert_array_equal(ra.scores, rb.scores)
     np.testing.assert_array_equal(ra.removed_fraction, rb.removed_fraction)
-    np.testing.assert_array_equal(single.score(test_images[0]), sharded.score(test_images[0]))
+    a, b = single.predict(test_set[0]), sharded.predict(test_set[0])
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.maps, b.maps)
 
 
-def test_shards_give_one_ordinary_model(train, test_images, tmp_path):
+def test_every_phase_runs_under_the_models_thread_budget(train, monkeypatch):
+    """The sharded fit used to ignore ``threads``: every phase's budget is the model's."""
+    requested = []
+    real = phases.thread_budget
+
+    def recording(threads):
+        requested.append(threads)
+        return real(threads)
+
+    monkeypatch.setattr(phases, "thread_budget", recording)
+    fit_sharded(SoftPatch(**FAST, threads=1), train, shards=2)
+    assert requested and set(requested) == {1}
+
+
+def test_shards_give_one_ordinary_model(train, test_set, tmp_path):
     model = fit_sharded(SoftPatchPlus(**FAST), train, shards=2)
     info = model.fit_info_
     assert [s["images"] for s in info["sharding"]["shards"]] == [9, 9]
     n, (h, w) = len(train), info["grid"]
-    for name, bank in (("cls", model._cls_bank), ("seg", model._seg_bank)):
+    for name, bank in (("cls", model.state.cls_bank), ("seg", model.state.seg_bank)):
         kept = n * h * w - info[f"{name}_removed"]
-        assert len(bank) == coreset_size(kept, model.settings.coreset_ratio)  # the single-process fit's size
+        assert len(bank) == CoresetPlan(model.settings.coreset_ratio).size(kept)  # the single-process fit's size
         assert info["sharding"]["union_rows"][name] > len(bank)  # the second pass reduced the union
         assert set(bank.source_image.tolist()) <= set(range(n))
     assert len(model.training_report()) == n
     model.save(tmp_path / "m.softpatch")
     again = load_model(tmp_path / "m.softpatch", device="cpu")
-    np.testing.assert_array_equal(again.score(test_images[0]), model.score(test_images[0]))
-    images, labels = test_images
+    np.testing.assert_array_equal(again.score(test_set[0]), model.score(test_set[0]))
+    images, labels = test_set
     scores = model.score(images)
     assert scores[labels == 1].min() > scores[labels == 0].max()  # still finds the defects
 
@@ -81,12 +104,12 @@ def test_duplicates_across_shards_enter_the_bank_once(train):
     images = train[:9] + [train[0]] + train[9:17]  # image 9 duplicates image 0, in the other shard
     model = fit_sharded(PatchCore(**FAST), images, shards=2)
     assert model.fit_info_["sharding"]["cross_shard_duplicates"] == 1
-    assert 9 not in set(model._cls_bank.source_image.tolist())
+    assert 9 not in set(model.state.cls_bank.source_image.tolist())
     report = model.training_report()
     assert len(report) == 18 and report.names[9] == "image_9"
     assert report.scores[9] == report.scores[0]
     h, w = model.fit_info_["grid"]
-    assert len(model._cls_bank) == coreset_size(17 * h * w, model.settings.coreset_ratio)
+    assert len(model.state.cls_bank) == CoresetPlan(model.settings.coreset_ratio).size(17 * h * w)
 
 
 def test_shards_below_the_discriminators_minimum_are_refused(train):
@@ -113,27 +136,26 @@ def test_composable_coreset_covers_within_the_sum_of_the_radii():
     the bank -- the triangle inequality behind the 2x factor; holds only if the merge
     selects and gathers the right rows."""
     rng = np.random.default_rng(0)
-    shards = [rng.normal(size=(400, 8)).astype(np.float32) + rng.normal(scale=3, size=(1, 8)).astype(np.float32)
-              for _ in range(3)]
+    shards = [torch.from_numpy(rng.normal(size=(400, 8)).astype(np.float32)
+                               + rng.normal(scale=3, size=(1, 8)).astype(np.float32)) for _ in range(3)]
     ratio, parts, radii = 0.05, [], []
     for s, x in enumerate(shards):
-        idx = np.asarray(ops.kcenter_greedy_approx(x, int(2 * ratio * len(x)), seed=s))
+        idx = ops.kcenter_greedy_approx(x, int(2 * ratio * len(x)), seed=s)
         radii.append(float(ops.knn(x, x[idx], 1).distances.max()))
-        parts.append(BankPart(x[idx], x[idx], None, np.arange(len(idx)) + 1000 * s,
-                              np.full(len(x), 1, np.int64), np.arange(len(x)) + 1000 * s))
+        parts.append(phases.BankPart(x[idx], x[idx], None, torch.arange(len(idx)) + 1000 * s,
+                                     torch.ones(len(x), dtype=torch.int64), torch.arange(len(x)) + 1000 * s))
+    everything = torch.cat(shards)
+    union = torch.cat([p.features for p in parts])
     for group_rows in (None, 50):  # one merge pass, or one per group of shards
-        rows = _reduce_union([p.projected for p in parts], [p.kept for p in parts], ratio, 0, group_rows)
-        bank = _gather(parts, np.sort(rows), "features")
-        union = np.concatenate([p.features for p in parts])
+        rows = CoresetPlan(ratio, group_rows).reduce([p.projected for p in parts], [p.kept for p in parts], 0)
+        bank = phases._gather(parts, rows, "features")
         r_merge = float(ops.knn(union, bank, 1).distances.max())
-        everything = np.concatenate(shards)
         covering = float(ops.knn(everything, bank, 1).distances.max())
         assert covering <= max(radii) + r_merge + 1e-4
-        ids = _gather(parts, np.sort(rows), "image_ids")
-        np.testing.assert_array_equal(bank, union[np.sort(rows)])
-        assert np.array_equal(ids, np.concatenate([p.image_ids for p in parts])[np.sort(rows)])
-    assert len(_reduce_union([p.projected for p in parts], [p.kept for p in parts], ratio, 0, None)) == \
-        coreset_size(1200, ratio)
+        assert torch.equal(bank, union[rows])
+        assert torch.equal(phases._gather(parts, rows, "image_ids"), torch.cat([p.image_ids for p in parts])[rows])
+    assert len(CoresetPlan(ratio).reduce([p.projected for p in parts], [p.kept for p in parts], 0)) == \
+        CoresetPlan(ratio).size(1200)
 
 
 def test_parse_memory():
@@ -163,10 +185,8 @@ class _CountingModel:
 @pytest.fixture
 def fixed_rss(monkeypatch):
     """The process's memory pinned (1 GiB, a batch peak of 100 MiB above it), so the plan is deterministic."""
-    from softpatch_cuda import sharded
-
-    monkeypatch.setattr(sharded, "current_rss", lambda: 2**30)
-    monkeypatch.setattr(sharded, "peak_rss_of", lambda fn: (fn(), 2**30 + 100 * 2**20))
+    monkeypatch.setattr(memory_plan, "current_rss", lambda: 2**30)
+    monkeypatch.setattr(memory_plan, "peak_rss_of", lambda fn: (fn(), 2**30 + 100 * 2**20))
 
 
 def test_max_memory_refused_before_any_training_image_is_embedded(train, fixed_rss):
@@ -197,21 +217,14 @@ def test_max_memory_chooses_the_shards(train, fixed_rss):
 
 def test_run_shard_refuses_a_shard_of_too_few_distinct_images(train):
     model = SoftPatch(**FAST)
-    spec = ShardSpec(0, 2, 0, [train[0]] * 5 + train[1:4])  # 8 images, 4 distinct
+    job = ShardJob(phases.Shard(0, 2, 0), [train[0]] * 5 + train[1:4])  # 8 images, 4 distinct
     with pytest.raises(ValueError, match="shard 1 of 2 has 4 distinct images.*at least 7"):
-        run_shard(model, spec)
-
-
-TINY_CLI = ["--backbone", "resnet18", "--no-pretrained", "--resize", "64", "--crop", "64", "--device", "cpu", "-q"]
+        run_shard(model, job)
 
 
 def test_cli_fit_with_shards_and_max_memory(train, tmp_path, capsys):
-    from PIL import Image
-
     folder = tmp_path / "train"
-    folder.mkdir()
-    for i, img in enumerate(train):
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    write_images(folder, train)
     code = cli.main(["fit", str(folder), "--out", str(tmp_path / "s.softpatch"), "--shards", "2", *TINY_CLI])
     assert code == 0, capsys.readouterr().err
     model = load_model(tmp_path / "s.softpatch", device="cpu")
@@ -234,7 +247,3 @@ def test_cli_fit_with_shards_and_max_memory(train, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "x.softpatch").exists()
-
-
-def test_coreset_size_matches_the_single_fit_rule():
-    assert coreset_size(100, 0.1) == 10 and coreset_size(101, 0.1) == math.ceil(10.1)

@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "python_tests")]
 
 import _harness as H  # noqa: E402
+from builders import aligned_object  # noqa: E402  (the tests' images)
 
 H.import_softpatch_cuda()
 from softpatch_cuda.models import MODEL_KINDS  # noqa: E402
@@ -37,29 +39,12 @@ from softpatch_cuda.models import MODEL_KINDS  # noqa: E402
 MODELS = {kind.model_type: kind.cls for kind in MODEL_KINDS}  # the model-file type names
 
 
-def render(rng: np.random.Generator, size: int, defect: bool) -> np.ndarray:
-    """One uint8 [size, size, 3] image of a nearly aligned object."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    jitter = max(1, size // 80)
-    cy, cx = size / 2 + rng.integers(-jitter, jitter + 1), size / 2 + rng.integers(-jitter, jitter + 1)
-    r = np.hypot(yy - cy, xx - cx)
-    img = np.full((size, size, 3), 0.35, np.float32)
-    img[r < size * 0.36] = (0.75, 0.6, 0.3)
-    img[(r > size * 0.18) & (r < size * 0.24)] = (0.2, 0.3, 0.7)
-    img[r < size * 0.08] = (0.9, 0.9, 0.9)
-    img *= rng.uniform(0.95, 1.05)
-    if defect:
-        s = size // 10
-        angle, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.12, 0.28) * size
-        y0, x0 = int(cy + rad * np.sin(angle)) - s // 2, int(cx + rad * np.cos(angle)) - s // 2
-        img[y0 : y0 + s, x0 : x0 + s] = (0.05, 0.05, 0.05)
-    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
 def make_images(n: int, size: int, seed: int, defect_every: int = 0) -> np.ndarray:
+    """Rendered, nearly aligned objects (+-size/80 px), every ``defect_every``-th with a
+    dark square of size/10 on it."""
     rng = np.random.default_rng(seed)
-    return np.stack([render(rng, size, bool(defect_every) and i % defect_every == defect_every - 1) for i in range(n)])
+    return np.stack([aligned_object(rng, bool(defect_every) and i % defect_every == defect_every - 1, size,
+                                    jitter=max(1, size // 80), defect_side=size // 10) for i in range(n)])
 
 
 def fp32_peak_gflops(info: dict, device: str) -> float | None:
@@ -118,7 +103,7 @@ def bench_model(name: str, args, train: np.ndarray, test: np.ndarray, search: st
                   "knn_exact_equivalent_gflop_s": round(knn_gflop / knn_s, 1),
                   "fp32_peak_gflop_s": None if peak is None else round(peak, 1)}
     if search != "exact":  # tolerance: the same fitted banks searched exactly
-        banks = [b for b in (model._cls_bank, model._seg_bank) if b is not None]
+        banks = [b for b in (model.state.cls_bank, model.state.seg_bank) if b is not None]
         for bank in banks:
             bank.search = "exact"
         exact = model.predict(test)

@@ -80,7 +80,7 @@ def write(what: str, name: str | None, out: Path, payload: dict, markdown: str) 
 def _banks_equal(a, b) -> bool:
     import torch
 
-    pairs = [(a._cls_bank, b._cls_bank), (a._seg_bank, b._seg_bank)]
+    pairs = [(a.state.cls_bank, b.state.cls_bank), (a.state.seg_bank, b.state.seg_bank)]
     for x, y in pairs:
         if (x is None) != (y is None):
             return False
@@ -101,9 +101,9 @@ def run_distributed(args: argparse.Namespace) -> None:
     from softpatch_cuda import SoftPatch
     from softpatch_cuda.data.datasets import load_mvtec
     from softpatch_cuda.data.noise import apply_noise
-    from softpatch_cuda.distributed import fit_distributed, ray_session
+    from softpatch_cuda.scale.distributed import fit_distributed, ray_session
     from softpatch_cuda.evaluation import masks_in_model_frame
-    from softpatch_cuda.sharded import current_rss, peak_rss_of
+    from softpatch_cuda.scale.memory_plan import current_rss, peak_rss_of
 
     t_start, load_start = time.perf_counter(), load()
     jobs = []
@@ -148,7 +148,7 @@ def run_distributed(args: argparse.Namespace) -> None:
             for key in ("single", "ray2"):
                 for metric, value in _metrics(models[key], test_emb, labels, masks).items():
                     row[f"{key}_{metric}"] = value
-                row[f"{key}_cls_bank"] = len(models[key]._cls_bank)
+                row[f"{key}_cls_bank"] = len(models[key].state.cls_bank)
                 row[f"{key}_threshold"] = models[key].threshold
             row["alignments"] = [s["alignment"] for s in models["ray2"].fit_info_["sharding"]["shards"]] + \
                 [models["single"].fit_info_["alignment"]]
@@ -198,7 +198,8 @@ def memory_point(args: argparse.Namespace) -> None:
     import glob
 
     from softpatch_cuda import SoftPatch
-    from softpatch_cuda.sharded import _status_kib, fit_sharded
+    from softpatch_cuda.scale.memory_plan import _status_kib
+    from softpatch_cuda.scale.sharded import fit_sharded
 
     paths = sorted(glob.glob(os.path.join(args.data, "*.png")))[: args.count]
     model = SoftPatch(device="cpu")
@@ -210,7 +211,7 @@ def memory_point(args: argparse.Namespace) -> None:
     result = {"mode": args.mode, "n_images": len(paths), "fit_s": time.perf_counter() - t0,
               "peak_rss_gib": _status_kib("VmHWM") / 2**20, "shards": [s["images"] for s in
                                                                        model.fit_info_.get("sharding", {}).get("shards", [])],
-              "memory_plan": model.fit_info_.get("memory_plan"), "cls_bank": len(model._cls_bank),
+              "memory_plan": model.fit_info_.get("memory_plan"), "cls_bank": len(model.state.cls_bank),
               "grid": model.fit_info_["grid"]}
     print("RESULT " + json.dumps(result))
 
@@ -266,7 +267,7 @@ def run_export(args: argparse.Namespace) -> None:
     from softpatch_cuda import SoftPatch
     from softpatch_cuda.demo import make_demo_dataset
     from softpatch_cuda.deploy import OnnxDetector
-    from softpatch_cuda.export import export_onnx, export_openvino
+    from softpatch_cuda.deploy.graph import export_onnx, export_openvino
 
     try:
         import openvino  # noqa: F401

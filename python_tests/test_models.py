@@ -332,3 +332,19 @@ def test_thread_budget_follows_the_setting(clean_data, monkeypatch):
         PatchCore(**FAST, threads=0)
     model.threads = "auto"
     assert model.config["threads"] == "auto"
+
+
+def test_auto_threads_sample_the_load_at_most_once_a_ttl(monkeypatch):
+    """Sampling the load costs ~30 ms: a stream of small predict calls must not pay it each time."""
+    from softpatch_cuda import runtime
+
+    calls = []
+    monkeypatch.delenv("SOFTPATCH_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "other_runnable", lambda: calls.append(1) or 0.0)
+    monkeypatch.setattr(runtime, "_auto_threads", [])
+    first = runtime.choose_threads("auto")
+    assert runtime.choose_threads("auto") == first and len(calls) == 1
+    monkeypatch.setattr(runtime, "AUTO_THREADS_TTL_S", 0.0)
+    runtime.choose_threads("auto")
+    assert len(calls) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Any
 
 from . import _core
@@ -84,8 +85,6 @@ def usable_cpus() -> int:
 def other_runnable(samples: int = 8, interval_s: float = 0.004) -> float | None:
     """Average number of runnable tasks on the machine besides the one sampling, from
     /proc/loadavg's instantaneous count (None where there is no /proc)."""
-    import time
-
     counts = []
     for _ in range(samples):
         try:
@@ -106,6 +105,8 @@ def choose_threads(requested: int | str | None = "auto") -> int:
     threads that the scheduler has parked behind other processes (measured here at load
     4 on 2 cores: backbone features 1.8x slower with 2 threads than with 1).
     ``SOFTPATCH_THREADS`` or ``OMP_NUM_THREADS`` in the environment fix the count.
+    Sampling the load takes ~30 ms, so a count is reused for AUTO_THREADS_TTL_S: a stream
+    of small predict calls pays it once in a while, not per call.
     """
     if isinstance(requested, int) and not isinstance(requested, bool):
         return max(1, requested)
@@ -115,11 +116,18 @@ def choose_threads(requested: int | str | None = "auto") -> int:
             return max(1, int(fixed))
         except ValueError:
             pass
+    now = time.monotonic()
+    if _auto_threads and now - _auto_threads[0] < AUTO_THREADS_TTL_S:
+        return _auto_threads[1]
     cpus = usable_cpus()
     busy = other_runnable()
-    if busy is None:
-        return cpus
-    return max(1, min(cpus, int(cpus - busy + 0.5)))
+    threads = cpus if busy is None else max(1, min(cpus, int(cpus - busy + 0.5)))
+    _auto_threads[:] = [time.monotonic(), threads]
+    return threads
+
+
+AUTO_THREADS_TTL_S = 2.0
+_auto_threads: list = []  # [when, count] of the last "auto" choice
 
 
 class thread_budget:  # noqa: N801 -- a context manager

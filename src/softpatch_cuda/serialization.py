@@ -106,16 +106,10 @@ def write_model_file(path: str | os.PathLike, tensors: dict[str, Any], header: d
     return write_atomically(path, write)
 
 
-def read_model_file(path: str | os.PathLike, framework: str = "pt") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read and verify a model file: (tensors on the CPU, header). One-line ValueErrors
-    for corrupt, damaged, foreign and too-new files; FileNotFoundError for missing ones.
-
-    ``framework``: "pt" (torch tensors) or "np" (numpy arrays; torch is not imported)."""
-    if framework not in ("pt", "np"):
-        raise ValueError(f"framework must be 'pt' or 'np', got {framework!r}")
+def _open_file(path: Path, framework: str, with_tensors: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, header) of a model file, the header's format and version checked."""
     from safetensors import safe_open  # noqa: PLC0415
 
-    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
     if path.is_dir():
@@ -124,7 +118,7 @@ def read_model_file(path: str | os.PathLike, framework: str = "pt") -> tuple[dic
         tensors: dict[str, Any] = {}
         with safe_open(str(path), framework=framework, device="cpu") as f:
             metadata = f.metadata() or {}
-            for key in f.keys():
+            for key in f.keys() if with_tensors else ():
                 tensors[key] = f.get_tensor(key)
     except Exception as exc:  # noqa: BLE001 -- safetensors raises several types for bad files
         raise ValueError(
@@ -149,7 +143,25 @@ def read_model_file(path: str | os.PathLike, framework: str = "pt") -> tuple[dic
             f"{path} was written with model format version {version}, newer than this softpatch_cuda "
             f"understands ({FORMAT_VERSION}); upgrade softpatch_cuda to load it"
         )
-    if version >= 2:
+    return tensors, header
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """A model file's header alone (format and version checked; the checksum is checked
+    when the file is read with :func:`read_model_file`)."""
+    return _open_file(Path(path), "np", with_tensors=False)[1]
+
+
+def read_model_file(path: str | os.PathLike, framework: str = "pt") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read and verify a model file: (tensors on the CPU, header). One-line ValueErrors
+    for corrupt, damaged, foreign and too-new files; FileNotFoundError for missing ones.
+
+    ``framework``: "pt" (torch tensors) or "np" (numpy arrays; torch is not imported)."""
+    if framework not in ("pt", "np"):
+        raise ValueError(f"framework must be 'pt' or 'np', got {framework!r}")
+    path = Path(path)
+    tensors, header = _open_file(path, framework, with_tensors=True)
+    if header["format_version"] >= 2:
         stored = header.get(CHECKSUM_KEY)
         if not isinstance(stored, str):
             raise ValueError(f"{path}: corrupt model header (no checksum)")

@@ -2,8 +2,9 @@
 
 Each :class:`GraphFormat` names its file ending, the optional extra that installs its
 engine, how a file is loaded into a callable :class:`Graph` (torch-free: ONNX Runtime,
-OpenVINO) and which function of :mod:`.graph` writes one (torch). ``export()``, the
-predictor's loader and the command line's ``--format`` / ``--graph`` all read it.
+OpenVINO) and which function of :mod:`.graph` writes one (torch; named here, so this
+table loads without it). :func:`.graph.export`, the predictor's loader and the command
+line's ``--format`` / ``--graph`` all read it.
 """
 
 from __future__ import annotations
@@ -77,11 +78,6 @@ class GraphFormat:
     extra: str  # the package extra that installs the engine
     load: Callable[[Path, int | None], Graph]
     writer: str  # the function of softpatch_cuda.deploy.graph that writes it
-
-    def write(self, model: Any, path: str | os.PathLike, **options: Any) -> dict:
-        from . import graph  # noqa: PLC0415 -- writing a graph needs torch
-
-        return getattr(graph, self.writer)(model, path, **options)
 
 
 GRAPH_FORMATS: tuple[GraphFormat, ...] = (

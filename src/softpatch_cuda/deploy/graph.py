@@ -210,7 +210,7 @@ def export_openvino(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT
 
 def export(model: Any, path: str | os.PathLike, fmt: str = "onnx", **kwargs: Any) -> dict:
     """Write ``model``'s embedding graph in format ``fmt`` (see ``formats.GRAPH_FORMATS``)."""
-    return graph_format(fmt).write(model, path, **kwargs)
+    return globals()[graph_format(fmt).writer](model, path, **kwargs)
 
 
 __all__ = ["AveragePool1d", "EmbeddingGraph", "check_graph", "export", "export_onnx", "export_openvino",

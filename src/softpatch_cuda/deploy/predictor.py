@@ -52,7 +52,7 @@ class OnnxDetector:
                              f"uses ({spec.get('backbone')}, {str(spec.get('fingerprint'))[:12]}, "
                              f"{stored.state.embed_dim}); export the graph from this model")
         self.model_path = model_path
-        self.model_type = stored.kind.model_type
+        self.model_type = stored.model_type
         self.settings = stored.config
         self.state = stored.state
         self.predict_timings_: dict[str, float] = {}

@@ -161,6 +161,7 @@ class PatchCoreConfig:
     search: str = option("exact", _choice(SEARCHES), "nearest-neighbour search: exact or pca (principal-subspace "
                          "candidates, exact re-rank: ~3x less k-NN work, small measured tolerance)", choices=SEARCHES)
 
+    model_type: ClassVar[str] = "patchcore"  # the model kind these options configure, as model files name it
     denoising: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -269,6 +270,8 @@ class SoftPatchConfig(_DenoisingConfig):
 
     discriminator: str = option("lof", _choice(DISCRIMINATORS), _DISCRIMINATORS_HELP, flag="--discriminators",
                                 metavar="D1,D2", multiple=True)
+
+    model_type: ClassVar[str] = "softpatch"
     noise_threshold: float = option(0.15, _number(0.0, 1.0, hi_open=True), _NOISE_THRESHOLD_HELP, metavar="F",
                                     parse=float)
 
@@ -304,6 +307,8 @@ class SoftPatchPlusConfig(_DenoisingConfig):
     weight_fusion: str = option("min", _choice(WEIGHT_FUSIONS), "combine the discriminators' soft weights by min "
                                 "(every discriminator must call a patch an outlier) or mean (the papers)",
                                 choices=WEIGHT_FUSIONS)
+
+    model_type: ClassVar[str] = "softpatch_plus"
 
     def discriminator_settings(self) -> DiscriminatorSettings:
         return self._settings(self.discriminators)
@@ -345,3 +350,8 @@ class _Legacy:
 LEGACY = _Legacy()
 
 CONFIG_CLASSES = (PatchCoreConfig, SoftPatchConfig, SoftPatchPlusConfig)
+
+
+def config_class_for(model_type: Any) -> type[PatchCoreConfig] | None:
+    """The config class of a model type as model files name it (None when unknown)."""
+    return next((c for c in CONFIG_CLASSES if c.model_type == model_type), None)

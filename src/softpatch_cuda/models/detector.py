@@ -271,8 +271,18 @@ class Detector:
         from .model_io import read_state  # noqa: PLC0415
 
         stored = read_state(path, framework="pt", device=resolve_device(device))
-        kind_cls = stored.kind.cls
-        if cls.model_type != "base" and stored.kind.model_type != cls.model_type:
-            raise ValueError(f"{path} holds a {kind_cls.__name__}, not a {cls.__name__}; use load_model()")
-        model = kind_cls(device=device, **stored.config.to_dict())
-        return model.set_state(stored.state, weights)
+        kind = cls._kind(stored.model_type)
+        if not issubclass(kind, cls):
+            raise ValueError(f"{path} holds a {kind.__name__}, not a {cls.__name__}; use load_model()")
+        return kind(device=device, **stored.config.to_dict()).set_state(stored.state, weights)
+
+    @classmethod
+    def _kind(cls, model_type: str) -> type["Detector"]:
+        """The detector class (this one or a subclass of the base) of a model type."""
+        todo = [Detector]
+        while todo:
+            kind = todo.pop()
+            if kind.model_type == model_type:
+                return kind
+            todo += kind.__subclasses__()
+        raise ValueError(f"no detector class for model type {model_type!r} is loaded; use load_model()")

@@ -14,16 +14,16 @@ class PatchCore(Detector):
     of :class:`PatchCoreConfig`.
     """
 
-    model_type = "patchcore"
     config_class = PatchCoreConfig
+    model_type = config_class.model_type
 
 
 class SoftPatch(Detector):
     """SoftPatch (Jiang et al. 2022): patch-level denoising with one discriminator, soft
     weights on the nearest-neighbour distance. Options: the fields of :class:`SoftPatchConfig`."""
 
-    model_type = "softpatch"
     config_class = SoftPatchConfig
+    model_type = config_class.model_type
 
 
 class SoftPatchPlus(Detector):
@@ -31,5 +31,5 @@ class SoftPatchPlus(Detector):
     classification bank for image scores and a more aggressively cleaned segmentation
     bank for the maps. Options: the fields of :class:`SoftPatchPlusConfig`."""
 
-    model_type = "softpatch_plus"
     config_class = SoftPatchPlusConfig
+    model_type = config_class.model_type

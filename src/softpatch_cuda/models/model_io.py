@@ -24,8 +24,7 @@ from .._validation import is_int, is_number
 from .._version import __version__
 from ..results import TrainingReport
 from ..serialization import read_model_file, write_model_file
-from .config import PatchCoreConfig
-from .registry import MODEL_KINDS, ModelKind, kind_by_type
+from .config import CONFIG_CLASSES, PatchCoreConfig, config_class_for
 from .state import BANK_NAMES, FittedState
 
 
@@ -120,11 +119,12 @@ def check_contents(tensors: dict[str, np.ndarray], header: dict, path: str) -> N
 
 @dataclass
 class StoredModel:
-    """A model file's contents: the kind of model, its typed config, its fitted state."""
+    """A model file's contents: the kind of model (its type name), its typed config, its fitted state."""
 
-    kind: ModelKind
+    model_type: str
     config: PatchCoreConfig
     state: FittedState
+
 
 
 def read_state(path: str | os.PathLike, framework: str = "np", device: Any = "cpu") -> StoredModel:
@@ -134,17 +134,18 @@ def read_state(path: str | os.PathLike, framework: str = "np", device: Any = "cp
         raise ValueError(f"framework must be 'np' or 'pt', got {framework!r}")
     path = str(path)
     tensors, header = read_model_file(path, framework="np")
-    kind = kind_by_type(header.get("model_type"))
-    if kind is None:
-        known = sorted(k.model_type for k in MODEL_KINDS)
-        raise ValueError(f"{path}: unknown model type {header.get('model_type')!r} (known: {known})")
+    model_type = header.get("model_type")
+    config_class = config_class_for(model_type)
+    if config_class is None:
+        known = sorted(c.model_type for c in CONFIG_CLASSES)
+        raise ValueError(f"{path}: unknown model type {model_type!r} (known: {known})")
     stored = header.get("config")
     if not isinstance(stored, dict):
         raise ValueError(f"{path}: corrupt model header (no config)")
     try:
-        config = kind.config_class.from_dict(stored)
+        config = config_class.from_dict(stored)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: the stored config does not fit {kind.class_name}: {exc}") from exc
+        raise ValueError(f"{path}: the stored config does not fit a {model_type} model: {exc}") from exc
     check_contents(tensors, header, path)
     if framework == "pt":
         import torch  # noqa: PLC0415
@@ -171,4 +172,4 @@ def read_state(path: str | os.PathLike, framework: str = "np", device: Any = "cp
                         threshold=float(header["threshold"]), score_floor=float(header.get("score_floor", 0.0)),
                         alignment=fit_info.get("alignment"), alignment_statistic=fit_info.get("alignment_statistic"),
                         backbone_spec=header["backbone_spec"], embed_dim=int(header["embed_dim"]), fit_info=fit_info)
-    return StoredModel(kind, config, state)
+    return StoredModel(model_type, config, state)

@@ -11,16 +11,21 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..serialization import read_header
 from .config import PatchCoreConfig, SoftPatchConfig, SoftPatchPlusConfig
 
 
 @dataclass(frozen=True)
 class ModelKind:
-    model_type: str  # stored in model files
     config_class: type[PatchCoreConfig]
     class_name: str  # in softpatch_cuda.models.kinds
     cli_name: str  # softpatch --model NAME
     display_name: str  # tables and reports
+
+    @property
+    def model_type(self) -> str:
+        """The name model files store."""
+        return self.config_class.model_type
 
     @property
     def cls(self) -> type:
@@ -30,9 +35,9 @@ class ModelKind:
 
 
 MODEL_KINDS: tuple[ModelKind, ...] = (
-    ModelKind("softpatch", SoftPatchConfig, "SoftPatch", "softpatch", "SoftPatch"),
-    ModelKind("softpatch_plus", SoftPatchPlusConfig, "SoftPatchPlus", "softpatch-plus", "SoftPatch+"),
-    ModelKind("patchcore", PatchCoreConfig, "PatchCore", "patchcore", "PatchCore"),
+    ModelKind(SoftPatchConfig, "SoftPatch", "softpatch", "SoftPatch"),
+    ModelKind(SoftPatchPlusConfig, "SoftPatchPlus", "softpatch-plus", "SoftPatch+"),
+    ModelKind(PatchCoreConfig, "PatchCore", "patchcore", "PatchCore"),
 )
 CLI_NAMES: tuple[str, ...] = tuple(k.cli_name for k in MODEL_KINDS)
 
@@ -60,6 +65,9 @@ def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.
     backbone's weights must match the fingerprint stored at fit. ``weights``: the
     backbone weights file when the stored path is not valid here (a moved model).
     """
-    from .detector import Detector  # noqa: PLC0415
-
-    return Detector.load(path, device=device, weights=weights)
+    model_type = read_header(path).get("model_type")
+    kind = kind_by_type(model_type)
+    if kind is None:
+        known = sorted(k.model_type for k in MODEL_KINDS)
+        raise ValueError(f"{path}: unknown model type {model_type!r} (known: {known})")
+    return kind.cls.load(path, device=device, weights=weights)

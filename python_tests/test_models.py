@@ -348,3 +348,17 @@ def test_auto_threads_sample_the_load_at_most_once_a_ttl(monkeypatch):
     monkeypatch.setattr(runtime, "AUTO_THREADS_TTL_S", 0.0)
     runtime.choose_threads("auto")
     assert len(calls) == 2
+
+
+def test_the_thread_budget_caps_numpys_blas_too():
+    """numpy's BLAS threads spin while they wait: on a shared machine a 2-thread BLAS call
+    took hundreds of ms for what one thread does in one (the predictor's maps)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from softpatch_cuda.runtime import thread_budget
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # numpy's BLAS loaded
+    blas = lambda: [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    before = blas()
+    with thread_budget(1):
+        assert blas() and set(blas()) == {1}
+    assert blas() == before

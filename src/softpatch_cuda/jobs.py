@@ -130,15 +130,15 @@ class ModelSource:
     """What a predict run scores with, in a form every worker can open: a model file
     (``path``; loaded on ``device``, with the backbone ``weights`` file when the stored
     path is not valid there), scored by torch or by an exported ``graph`` (no torch); or an
-    in-memory ``model`` (this process only). ``threads``: the thread budget (the graph
-    engine's threads with a graph); ``threshold``: replaces the model's."""
+    in-memory ``model`` (this process only). ``threads``: the thread budget ("auto" or a
+    number; None: the model's own, "auto" for a file); ``threshold``: replaces the model's."""
 
     path: str | None = None
     model: Any = None
     graph: str | None = None
     device: str = "auto"
     weights: str | None = None
-    threads: int | str = "auto"
+    threads: int | str | None = None
     threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -154,12 +154,12 @@ class ModelSource:
         elif self.graph is not None:
             from .deploy import OnnxDetector  # noqa: PLC0415 -- torch-free
 
-            model = OnnxDetector(self.path, self.graph, threads=None if self.threads == "auto" else int(self.threads))
+            model = OnnxDetector(self.path, self.graph, threads=self.threads)
         else:
             from .models import load_model  # noqa: PLC0415 -- torch
 
             model = load_model(self.path, device=self.device, weights=self.weights)
-        if hasattr(model, "threads"):
+        if self.threads is not None:
             model.threads = self.threads
         if self.threshold is not None:
             model.threshold = float(self.threshold)

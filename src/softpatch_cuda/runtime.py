@@ -132,9 +132,11 @@ _auto_threads: list = []  # [when, count] of the last "auto" choice
 
 class thread_budget:  # noqa: N801 -- a context manager
     """Within the block torch (and, through the shared OpenMP runtime, the C++ kernels)
-    use :func:`choose_threads` threads; the previous setting comes back after. Where
-    torch is not loaded (the torch-free predictor) nothing is set and the block gets
-    the count."""
+    and numpy's BLAS use :func:`choose_threads` threads; the previous settings come back
+    after. Where torch is not loaded (the torch-free predictor) the OpenMP runtime is set
+    directly. Why numpy's BLAS too: its threads spin while they wait, and on a shared
+    machine a 2-thread BLAS call took 256 ms for the 16 maps of a batch that take 0.6 ms
+    on one thread (benchmarks/results/scoring_maps_cpu.md)."""
 
     def __init__(self, requested: int | str | None = "auto"):
         self.requested = requested
@@ -146,9 +148,21 @@ class thread_budget:  # noqa: N801 -- a context manager
             self._previous = self._torch.get_num_threads()
             if self.threads != self._previous:
                 self._torch.set_num_threads(self.threads)
+        self._native = _limit_native_threads(self.threads, openmp=self._torch is None)
         return self.threads
 
     def __exit__(self, *exc) -> bool:
+        if self._native is not None:
+            self._native.restore_original_limits()
         if self._torch is not None and self._torch.get_num_threads() != self._previous:
             self._torch.set_num_threads(self._previous)
         return False
+
+
+def _limit_native_threads(threads: int, openmp: bool) -> Any:
+    """threadpoolctl's limits on numpy's BLAS (and the OpenMP runtime), None without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    except ImportError:
+        return None
+    return threadpool_limits(limits=threads, user_api=None if openmp else "blas")

@@ -26,6 +26,7 @@ from .._pixels import count_items, image_items, iter_pixel_batches
 from ..models.model_io import read_state
 from ..models.state import check_threshold
 from ..results import Prediction, TrainingReport
+from ..runtime import thread_budget
 from ..scoring import predict_batches
 from .formats import GRAPH_FORMAT, load_graph
 
@@ -35,13 +36,17 @@ class OnnxDetector:
 
     ``predict(images)`` / ``score(images)`` / ``threshold`` as on the torch detectors;
     images: a folder, image paths, PIL images or uint8 / uint16 / float arrays (or a list
-    of them). ``threads``: the graph engine's threads (default: the engine's).
+    of them). ``threads``: the thread budget ("auto": see
+    :func:`softpatch_cuda.runtime.choose_threads`) of the k-NN kernels and numpy; a
+    number is the graph engine's threads too (with "auto", the engine's default).
     """
 
-    def __init__(self, model_path: str | os.PathLike, graph_path: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, model_path: str | os.PathLike, graph_path: str | os.PathLike, *,
+                 threads: int | str | None = "auto"):
         model_path = str(Path(model_path).expanduser())
+        self.threads = threads
         stored = read_state(model_path, framework="np")
-        self.graph = load_graph(graph_path, threads)
+        self.graph = load_graph(graph_path, None if self.threads == "auto" else self.threads)
         meta, spec = self.graph.metadata, stored.state.backbone_spec
         if meta.get("format") != GRAPH_FORMAT:
             raise ValueError(f"{graph_path} is not a softpatch_cuda embedding graph (no {GRAPH_FORMAT!r} metadata); "
@@ -56,6 +61,18 @@ class OnnxDetector:
         self.settings = stored.config
         self.state = stored.state
         self.predict_timings_: dict[str, float] = {}
+
+    @property
+    def threads(self) -> int | str:
+        """The thread budget of the k-NN kernels and numpy (the graph engine keeps its own)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: int | str | None) -> None:
+        value = "auto" if value is None else value
+        if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"threads must be 'auto' or an int >= 1, got {value!r}")
+        self._threads = value
 
     @property
     def threshold(self) -> float:
@@ -86,10 +103,11 @@ class OnnxDetector:
     def _run(self, images: Any, with_maps: bool) -> Prediction:
         cfg = self.settings
         self.predict_timings_ = {}
-        return predict_batches(iter_pixel_batches(image_items(images), cfg.transform(), cfg.batch_size), self.embed,
-                               self.state.banks, image_score=cfg.image_score, threshold=self.threshold,
-                               resize=cfg.resize, crop=cfg.crop, with_maps=with_maps, total=count_items(images),
-                               timings=self.predict_timings_)
+        with thread_budget(self.threads):
+            return predict_batches(iter_pixel_batches(image_items(images), cfg.transform(), cfg.batch_size),
+                                   self.embed, self.state.banks, image_score=cfg.image_score, threshold=self.threshold,
+                                   resize=cfg.resize, crop=cfg.crop, with_maps=with_maps, total=count_items(images),
+                                   timings=self.predict_timings_)
 
     def predict(self, images: Any) -> Prediction:
         """Image scores, verdicts and anomaly maps (as the torch detector's ``predict``)."""

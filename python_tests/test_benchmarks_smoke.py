@@ -8,7 +8,6 @@ baselines fails here too.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

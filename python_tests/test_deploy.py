@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import os
 import subprocess
 import sys
 

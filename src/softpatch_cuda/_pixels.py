@@ -237,19 +237,21 @@ def _single_array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
     )
 
 
+def image_paths(path: str | os.PathLike) -> list[str]:
+    """The images of a folder (sorted), or the one file a path names."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image path not found: {path}")
+    return list_images(path) if path.is_dir() else [str(path)]
+
+
 def image_items(images: Any) -> Iterator[tuple[Any, str, str | None]]:
     """Yield (PIL image or path, name, source) lazily for a folder, path(s), PIL image(s)
     or uint8 / uint16 / float arrays (one image, or [N, ...]); paths are loaded later.
     (:func:`softpatch_cuda.data.images.iter_batches` adds torch tensors and DataLoaders.)"""
     if isinstance(images, (str, os.PathLike)):
-        path = Path(images)
-        if not path.exists():
-            raise FileNotFoundError(f"image path not found: {path}")
-        if path.is_dir():
-            for p in list_images(path):
-                yield p, os.path.basename(p), p
-        else:
-            yield str(path), path.name, str(path)
+        for p in image_paths(images):
+            yield p, os.path.basename(p), p
         return
     if isinstance(images, Image.Image):
         yield images, "image_0", None

@@ -24,17 +24,18 @@ import numpy as np
 
 from .._pixels import count_items, image_items, iter_pixel_batches
 from ..models.model_io import read_state
-from ..models.state import check_threshold
-from ..results import Prediction, TrainingReport
+from ..models.state import FittedModel
+from ..results import Prediction
 from ..runtime import thread_budget
 from ..scoring import predict_batches
 from .formats import GRAPH_FORMAT, load_graph
 
 
-class OnnxDetector:
+class OnnxDetector(FittedModel):
     """A fitted detector served from an exported graph and its model file, without torch.
 
-    ``predict(images)`` / ``score(images)`` / ``threshold`` as on the torch detectors;
+    ``predict(images)`` / ``score(images)`` / ``threshold`` as on the torch detectors
+    (:class:`softpatch_cuda.models.state.FittedModel`);
     images: a folder, image paths, PIL images or uint8 / uint16 / float arrays (or a list
     of them). ``threads``: the thread budget ("auto": see
     :func:`softpatch_cuda.runtime.choose_threads`) of the k-NN kernels and numpy; a
@@ -74,20 +75,6 @@ class OnnxDetector:
             raise ValueError(f"threads must be 'auto' or an int >= 1, got {value!r}")
         self._threads = value
 
-    @property
-    def threshold(self) -> float:
-        return self.state.threshold
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        self.state.threshold = check_threshold(value)
-
-    def colour_range(self) -> tuple[float, float]:
-        return self.state.colour_range()
-
-    def training_report(self) -> TrainingReport:
-        return self.state.report
-
     def __repr__(self) -> str:
         return f"OnnxDetector({self.model_type}, {self.model_path}, graph={self.graph.path} [{self.graph.engine}])"
 
@@ -109,10 +96,3 @@ class OnnxDetector:
                                    resize=cfg.resize, crop=cfg.crop, with_maps=with_maps, total=count_items(images),
                                    timings=self.predict_timings_)
 
-    def predict(self, images: Any) -> Prediction:
-        """Image scores, verdicts and anomaly maps (as the torch detector's ``predict``)."""
-        return self._run(images, with_maps=True)
-
-    def score(self, images: Any) -> np.ndarray:
-        """[N] float32 image scores only."""
-        return self._run(images, with_maps=False).scores

@@ -13,18 +13,17 @@ import os
 import time
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from .._validation import check_bool, is_int
 from ..backbone import FeatureExtractor
 from ..embedding import EmbeddedImages, PatchEmbedder, embed_batch, embed_images
-from ..results import Prediction, TrainingReport
+from ..results import Prediction
 from ..runtime import resolve_device, thread_budget
 from ..scoring import predict_batches, prediction, score_batch
 from . import phases
 from .config import PatchCoreConfig
-from .state import FittedState, check_threshold
+from .state import FittedModel, FittedState
 
 
 def _check_device_request(device: Any) -> str:
@@ -35,7 +34,7 @@ def _check_device_request(device: Any) -> str:
     return device
 
 
-class Detector:
+class Detector(FittedModel):
     """Public base type of :class:`PatchCore`, :class:`SoftPatch` and :class:`SoftPatchPlus`
     (what ``fit`` and ``load_model`` return).
 
@@ -151,20 +150,6 @@ class Detector:
         """What the fit did: sizes, removed patches, soft-weight spread, timings ({} unfitted)."""
         return {} if self._state is None else self._state.fit_info
 
-    @property
-    def threshold(self) -> float:
-        """Decision threshold on image scores (calibrated at fit; settable)."""
-        return self.state.threshold
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        value = check_threshold(value)
-        self.state.threshold = value
-
-    def colour_range(self) -> tuple[float, float]:
-        """The colour scale of this model's overlays (see :meth:`FittedState.colour_range`)."""
-        return self.state.colour_range()
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args}){'' if self.is_fitted else ' [not fitted]'}"
@@ -201,15 +186,7 @@ class Detector:
                               embed=lambda ids: embedded.embeddings[torch.as_tensor(ids)], timings=timings)
         return self.set_state(state)
 
-    # ---------------------------------------------------------------- predict
-    def predict(self, images: Any) -> Prediction:
-        """Score images: image scores, verdicts and anomaly maps (see :class:`Prediction`)."""
-        return self._run(images, with_maps=True)
-
-    def score(self, images: Any) -> np.ndarray:
-        """[N] float32 image anomaly scores only (no maps)."""
-        return self._run(images, with_maps=False).scores
-
+    # ---------------------------------------------------------------- predict (predict, score: FittedModel)
     def embed(self, images: Any, desc: str = "features") -> EmbeddedImages:
         """The embed phase alone: patch embeddings of ``images`` with this model's
         backbone (built on first use). Feed them to :meth:`fit_embedded` or
@@ -250,10 +227,6 @@ class Detector:
                      for s in range(0, len(embedded), cfg.batch_size)]
         return prediction(embedded.names, embedded.sources, embedded.sizes, parts, state.threshold, cfg.resize,
                           cfg.crop)
-
-    def training_report(self) -> TrainingReport:
-        """Contamination score of every training image and the likely defective ones."""
-        return self.state.report
 
     # ---------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike) -> None:

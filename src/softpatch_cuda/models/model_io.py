@@ -117,6 +117,15 @@ def check_contents(tensors: dict[str, np.ndarray], header: dict, path: str) -> N
         _fail(path, "training report arrays")
 
 
+def config_class_of(header: dict, path: Any) -> type[PatchCoreConfig]:
+    """The config class of a model file's model type; unknown types are refused, naming the known ones."""
+    config_class = config_class_for(header.get("model_type"))
+    if config_class is None:
+        known = sorted(c.model_type for c in CONFIG_CLASSES)
+        raise ValueError(f"{path}: unknown model type {header.get('model_type')!r} (known: {known})")
+    return config_class
+
+
 @dataclass
 class StoredModel:
     """A model file's contents: the kind of model (its type name), its typed config, its fitted state."""
@@ -135,10 +144,7 @@ def read_state(path: str | os.PathLike, framework: str = "np", device: Any = "cp
     path = str(path)
     tensors, header = read_model_file(path, framework="np")
     model_type = header.get("model_type")
-    config_class = config_class_for(model_type)
-    if config_class is None:
-        known = sorted(c.model_type for c in CONFIG_CLASSES)
-        raise ValueError(f"{path}: unknown model type {model_type!r} (known: {known})")
+    config_class = config_class_of(header, path)
     stored = header.get("config")
     if not isinstance(stored, dict):
         raise ValueError(f"{path}: corrupt model header (no config)")

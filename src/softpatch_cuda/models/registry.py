@@ -13,6 +13,7 @@ from typing import Any
 
 from ..serialization import read_header
 from .config import PatchCoreConfig, SoftPatchConfig, SoftPatchPlusConfig
+from .model_io import config_class_of
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,5 @@ def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.
     backbone's weights must match the fingerprint stored at fit. ``weights``: the
     backbone weights file when the stored path is not valid here (a moved model).
     """
-    model_type = read_header(path).get("model_type")
-    kind = kind_by_type(model_type)
-    if kind is None:
-        known = sorted(k.model_type for k in MODEL_KINDS)
-        raise ValueError(f"{path}: unknown model type {model_type!r} (known: {known})")
-    return kind.cls.load(path, device=device, weights=weights)
+    config_class = config_class_of(read_header(path), path)
+    return kind_by_type(config_class.model_type).cls.load(path, device=device, weights=weights)

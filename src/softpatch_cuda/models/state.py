@@ -14,7 +14,7 @@ from typing import Any
 
 from .._validation import is_number
 from ..memory_bank import MemoryBank
-from ..results import TrainingReport
+from ..results import Prediction, TrainingReport
 
 BANK_NAMES: tuple[str, ...] = ("cls", "seg")  # classification (image scores), segmentation (maps)
 
@@ -65,3 +65,38 @@ class FittedState:
         above the threshold are yellow to red) whatever images a run scores first."""
         lo = min(self.score_floor, self.threshold)
         return (lo, 2.0 * self.threshold - lo) if self.threshold > lo else (lo, lo + 1.0)
+
+
+class FittedModel:
+    """What every fitted model offers over its state -- the torch detector and the
+    torch-free predictor alike: the threshold (settable), the overlays' colour scale,
+    the training report, ``predict`` and ``score``. A subclass provides ``state`` and
+    ``_run(images, with_maps)``."""
+
+    state: FittedState
+
+    @property
+    def threshold(self) -> float:
+        """Decision threshold on image scores (calibrated at fit; settable)."""
+        return self.state.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = check_threshold(value)
+        self.state.threshold = value
+
+    def colour_range(self) -> tuple[float, float]:
+        """The colour scale of this model's overlays (see :meth:`FittedState.colour_range`)."""
+        return self.state.colour_range()
+
+    def training_report(self) -> TrainingReport:
+        """Contamination score of every training image and the likely defective ones."""
+        return self.state.report
+
+    def predict(self, images: Any) -> Prediction:
+        """Score images: image scores, verdicts and anomaly maps (see :class:`Prediction`)."""
+        return self._run(images, with_maps=True)
+
+    def score(self, images: Any):
+        """[N] float32 image anomaly scores only (no maps)."""
+        return self._run(images, with_maps=False).scores

@@ -48,13 +48,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .._interop import is_tensor
-from .._pixels import list_images
+from .._pixels import image_paths
 from ..models import phases
 from .memory_plan import (
     DEFAULT_OVERSAMPLE, _gib, discriminator_minimum, parse_memory, plan_memory, release_free_memory,
@@ -68,10 +67,7 @@ def image_list(images: Any) -> list:
     """The training images as a list that can be split into shards: a folder, image
     paths, PIL images, uint8 / float arrays (one per image, or one [N, ...] array)."""
     if isinstance(images, (str, os.PathLike)):
-        path = Path(images)
-        if not path.exists():
-            raise FileNotFoundError(f"image path not found: {path}")
-        return list_images(path) if path.is_dir() else [str(path)]
+        return image_paths(images)
     if isinstance(images, np.ndarray) or is_tensor(images):
         return list(images) if images.ndim == 4 else [images]
     if isinstance(images, (list, tuple)):

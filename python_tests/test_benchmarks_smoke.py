@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_kernels.py"
+pytestmark = pytest.mark.slow  # each test runs a benchmark script in a subprocess
 
 
 @pytest.fixture(scope="module")

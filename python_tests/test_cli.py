@@ -39,6 +39,7 @@ def tiny(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ help / version
+@pytest.mark.slow  # a fresh interpreter
 def test_help_via_module(tmp_path):
     proc = run_cli(["--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -210,6 +210,7 @@ def test_model_transform_from_config():
 
 
 # ------------------------------------------------------------------ benchmarks/bench_accuracy.py smoke run
+@pytest.mark.slow  # runs the benchmark script in a subprocess
 def test_bench_accuracy_smoke(tmp_path):
     """Tiny run (random resnet18, 32 px, demo data): both protocols, two seeds, complete
     JSON (metrics, what the denoising did, contamination detection) and markdown."""

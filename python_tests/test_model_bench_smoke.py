@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_pipeline.py"
 
 
+@pytest.mark.slow  # runs the benchmark script in a subprocess
 def test_bench_pipeline_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--models", "softpatch", "--out", str(tmp_path)],

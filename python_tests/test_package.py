@@ -5,8 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
 
+
+@pytest.mark.slow  # a fresh interpreter
 def test_import_loads_neither_demo_nor_scipy(tmp_path):
     code = (
         "import sys, softpatch_cuda\n"

@@ -39,7 +39,11 @@ def key_dims(width: int) -> int:
 class PrincipalSubspaceIndex:
     """Candidates from the bank's principal subspace, exact re-rank."""
 
-    def __init__(self, bank: Any, dims: int | None = None, candidates: int = DEFAULT_CANDIDATES):
+    def __init__(self, bank: Any, dims: int | None = None, candidates: int = DEFAULT_CANDIDATES,
+                 basis_rows: int | None = None):
+        """``basis_rows``: estimate the principal directions from at most this many rows
+        (evenly spaced; None: all rows) -- the directions of a few hundred thousand patches
+        are those of a few ten thousand of them, at a fraction of the cost."""
         if bank.ndim != 2 or bank.shape[0] < 1:
             raise ValueError(f"the search index needs a non-empty [m, D] bank, got {tuple(bank.shape)}")
         xp = self.xp = array_api_compat.array_namespace(bank)
@@ -47,7 +51,11 @@ class PrincipalSubspaceIndex:
         self.bank = bank
         self.dims = int(min(dims or key_dims(d), d))
         self.candidates = int(min(candidates, m))
-        x = xp.astype(bank, xp.float64)
+        sample = bank
+        if basis_rows is not None and m > basis_rows:
+            step = -(-m // basis_rows)
+            sample = bank[xp.arange(0, m, step, device=array_api_compat.device(bank))]
+        x = xp.astype(sample, xp.float64)
         self.mean = xp.mean(x, axis=0)
         centred = x - self.mean
         # principal directions from the D x D scatter matrix (D is a few hundred), decomposed
@@ -59,13 +67,23 @@ class PrincipalSubspaceIndex:
         self.keys = self._keys(bank)
 
     def _keys(self, x: Any) -> Any:
-        return (x - self.xp.astype(self.mean, x.dtype)) @ self.basis
+        # x @ basis - mean @ basis: no centred copy of x (x may be every training patch)
+        return x @ self.basis - self.xp.astype(self.mean, x.dtype) @ self.basis
+
+    def nearest_candidates(self, queries: Any) -> Any:
+        """[q, candidates] int64: the bank rows nearest to each query in the principal subspace."""
+        return ops.knn(self._keys(queries), self.keys, self.candidates, check_finite=False).indices
+
+    def search_candidates(self, queries: Any, count: int = 1) -> tuple[Any, Any]:
+        """(exact distances [q, count], bank indices [q, count] int64): each query's ``count``
+        nearest candidates, nearest first."""
+        xp = self.xp
+        cand = self.nearest_candidates(queries)
+        exact = xp.sqrt(xp.sum((queries[:, None, :] - self.bank[cand]) ** 2, axis=2))  # [q, c]
+        order = xp.argsort(exact, axis=1, stable=True)[:, : min(count, exact.shape[1])]
+        return xp.take_along_axis(exact, order, axis=1), xp.take_along_axis(cand, order, axis=1)
 
     def search(self, queries: Any) -> tuple[Any, Any]:
         """(distances [q], bank indices [q] int64) of each query's nearest candidate."""
-        xp = self.xp
-        cand = ops.knn(self._keys(queries), self.keys, self.candidates, check_finite=False).indices
-        exact = xp.sqrt(xp.sum((queries[:, None, :] - self.bank[cand]) ** 2, axis=2))  # [q, c]
-        where = xp.argmin(exact, axis=1)
-        rows = xp.arange(exact.shape[0], device=array_api_compat.device(exact))
-        return exact[rows, where], cand[rows, where]
+        dist, rows = self.search_candidates(queries, 1)
+        return dist[:, 0], rows[:, 0]

@@ -22,51 +22,117 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from array_api_compat import device
+
 from . import ops
 from .scoring import DISTANCES, namespace, patch_scores
 from .search import DEFAULT_CANDIDATES, PrincipalSubspaceIndex
 
-__all__ = ["DISTANCES", "CoresetPlan", "MemoryBank", "shard_ranges"]
+__all__ = ["DISTANCES", "SUPPORT_CANDIDATES", "CoresetPlan", "MemoryBank", "shard_ranges"]
+
+
+# Bank rows examined per query when the rows carry leave-out support distances (the row
+# minimising max(distance, support) x weight need not be the nearest one).
+SUPPORT_CANDIDATES = 8
 
 
 @dataclass
 class MemoryBank:
     """features [m, D]; weights [m] soft weights or None (PatchCore); source_image [m]
-    index of the training image each row came from (for leave-own-image-out scoring).
-    One framework and device for all three."""
+    index of the training image each row came from (for leave-own-image-out scoring);
+    support [m] each row's leave-out support distance or None: a row vouches for a query
+    only as far as other training images vouch for the row (see
+    :mod:`softpatch_cuda.denoise.support`). One framework and device for all of them.
+    support_rows: during a fit, the rows' supporting images
+    (:class:`~softpatch_cuda.denoise.support.BankSupport`), so that leaving images out of
+    the bank also takes their vouching away; not stored in model files."""
 
     features: Any
     weights: Any
     source_image: Any
     distance: str = "l2"
     search: str = "exact"  # see softpatch_cuda.search
+    support: Any = None
+    support_rows: Any = field(default=None, repr=False, compare=False)
     _index: PrincipalSubspaceIndex | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
-    def nearest(self, queries: Any) -> tuple[Any, Any]:
-        """(distance [q], row [q]) of each query's nearest bank row (exact or "pca")."""
+    def candidates(self, queries: Any) -> tuple[Any, Any]:
+        """(distances [q, c], rows [q, c]) of the rows examined per query, nearest first: the
+        nearest row, or SUPPORT_CANDIDATES rows when the rows carry support distances
+        (exact k-NN, or principal-subspace candidates with exact distances for "pca")."""
+        count = 1 if self.support is None else min(SUPPORT_CANDIDATES, len(self))
         if self.search == "pca" and len(self) > 4 * DEFAULT_CANDIDATES:
             if self._index is None:
-                self._index = PrincipalSubspaceIndex(self.features)
-            return self._index.search(queries)
-        res = ops.knn(queries, self.features, 1, check_finite=False)
-        return res.distances[:, 0], res.indices[:, 0]
+                self._index = PrincipalSubspaceIndex(self.features, candidates=max(count, DEFAULT_CANDIDATES))
+            return self._index.search_candidates(queries, count)
+        res = ops.knn(queries, self.features, count, check_finite=False)
+        return res.distances, res.indices
+
+    def nearest(self, queries: Any) -> tuple[Any, Any]:
+        """(distance [q], row [q]) of each query's nearest bank row (exact or "pca")."""
+        dist, rows = self.candidates(queries)
+        return dist[:, 0], rows[:, 0]
 
     def score(self, queries: Any) -> tuple[Any, Any]:
-        """[q, D] -> ([q] patch scores, [q] the matched row of each; see scoring.patch_scores)."""
-        dist, row = self.nearest(queries)
-        return patch_scores(dist, row, self.weights, self.distance), row
+        """[q, D] -> ([q] patch scores, [q] the deciding row of each; see scoring.patch_scores).
+
+        With support distances a row's score for a query is weight x max(distance,
+        support), and the smallest over the bank decides. The examined rows decide unless
+        their best score exceeds what any row beyond them could give (its distance is at
+        least the last examined one's, its weight at least the smallest weight); those
+        queries -- e.g. the copy of a memorised defect -- are scored against every row, so
+        the result is the exact minimum over the bank."""
+        dist, rows = self.candidates(queries)
+        if self.support is None:
+            return patch_scores(dist[:, 0], rows[:, 0], self.weights, self.distance), rows[:, 0]
+        xp = namespace(dist)
+        scores = patch_scores(xp.maximum(dist, self.support[rows]), rows, self.weights, self.distance)
+        where = xp.argmin(scores, axis=1)[:, None]
+        best = xp.take_along_axis(scores, where, axis=1)[:, 0]
+        row = xp.take_along_axis(rows, where, axis=1)[:, 0]
+        if dist.shape[1] < len(self):
+            w_min = 1.0 if self.weights is None else float(xp.min(self.weights))
+            bound = patch_scores(dist[:, -1], None, None, self.distance) * w_min
+            unsure = xp.nonzero(best > bound)[0]
+            if unsure.shape[0]:
+                best[unsure], row[unsure] = self._exhaustive(queries[unsure])
+        return best, row
+
+    def _exhaustive(self, queries: Any, chunk: int = 256) -> tuple[Any, Any]:
+        """(score [q], row [q]): min over every row of weight x max(distance, support)."""
+        xp = namespace(queries)
+        everything = xp.arange(len(self), device=device(self.features))[None, :]
+        best, rows = [], []
+        for s in range(0, queries.shape[0], chunk):
+            sq = ops.pairwise_sqdist(queries[s : s + chunk], self.features, check_finite=False)
+            dist = xp.sqrt(xp.clip(sq, 0.0, None))
+            scores = patch_scores(xp.maximum(dist, self.support[None, :]), everything, self.weights, self.distance)
+            best.append(xp.min(scores, axis=1))
+            rows.append(xp.argmin(scores, axis=1))
+        return xp.concat(best), xp.concat(rows)
 
     def without_images(self, images: Any) -> "MemoryBank":
-        """The bank without the rows that came from these training images."""
+        """The bank as if these training images had not been given: without their rows and,
+        while the fit's supporters are known, without their vouching for other rows."""
         xp = namespace(self.source_image)
-        keep = ~xp.isin(self.source_image, xp.asarray(images, device=self.source_image.device))
+        images = xp.asarray(images, device=device(self.source_image))
+        keep = ~xp.isin(self.source_image, images)
         if not bool(xp.any(keep)):
             raise ValueError("cannot score against an empty memory bank (every row excluded)")
+        support = self.support if self.support_rows is None else self.support_rows.distances(images)
+        return self.rows(keep, support)
+
+    def rows(self, keep: Any, support: Any = None) -> "MemoryBank":
+        """The bank of the rows ``keep`` ([m] bool); ``support``: the [m] support distances to
+        take theirs from (default: the bank's own). The rows' supporters come along."""
+        support = self.support if support is None else support
         return MemoryBank(self.features[keep], None if self.weights is None else self.weights[keep],
-                          self.source_image[keep], self.distance, self.search)
+                          self.source_image[keep], self.distance, self.search,
+                          None if support is None else support[keep],
+                          None if self.support_rows is None else self.support_rows.subset(keep))
 
 
 def shard_ranges(total: int, patches_per_image: int, shard_patches: int | None) -> list[tuple[int, int]]:

@@ -8,7 +8,9 @@ each path computes in its own framework, on its device and in its thread pool; a
 results reach the host once, at the end (:func:`score_batch`).
 
 * patch score: the distance to the nearest bank row ("l2", or "squared_l2" as the
-  authors' code), times that row's soft weight;
+  authors' code), times that row's soft weight; with leave-out support
+  (:mod:`softpatch_cuda.denoise.support`) the smallest weight x max(distance, support)
+  over the bank;
 * image score: the largest patch score ("max"), or PatchCore's eq. 7 ("reweighted": the
   largest patch score times 1 - softmax of its distances to the matched row's
   ``REWEIGHT_NEIGHBOURS`` nearest bank rows, so a match in a sparse part of the bank
@@ -49,8 +51,10 @@ def namespace(*arrays: Any) -> Any:
 
 # ------------------------------------------------------------------ patch and image scores
 def patch_scores(distances: Any, nearest: Any, weights: Any, distance: str = "l2") -> Any:
-    """[q] distances to the nearest bank rows and [q] those rows' indices -> [q] patch
-    scores: the distance (squared for ``"squared_l2"``) times the row's soft weight."""
+    """Distances to bank rows and those rows' indices (same shape: [q], or [q, c] for
+    several rows per query) -> patch scores: the distance (squared for ``"squared_l2"``)
+    times the row's soft weight. With leave-out support the distances given here are
+    already max(distance, support) (:meth:`MemoryBank.score`)."""
     d = distances * distances if distance == "squared_l2" else distances
     return d if weights is None else d * weights[nearest]
 

@@ -6,7 +6,9 @@ each memory bank keeps and how it weighs it.
   their outlier scores (:func:`score_patches`);
 * :mod:`.alignment` -- which patches are compared (position, window, global, auto);
 * :mod:`.graphs`, :mod:`.gaussian` -- their building blocks;
-* :mod:`.policy` -- ranking, fusion, removal, soft weights, image contamination scores.
+* :mod:`.policy` -- ranking, fusion, removal, soft weights, image contamination scores;
+* :mod:`.support` -- leave-out support of bank rows: image-level evidence and the
+  support-aware score.
 
 Names are loaded from their modules on first use, so ``denoise.spec`` and the
 discriminator table load without torch.
@@ -17,7 +19,7 @@ import importlib
 _HOME = {
     "ALIGNMENTS": "spec", "FUSIONS": "spec", "GATES": "spec", "RANK_SCOPES": "spec", "REMOVALS": "spec",
     "WEIGHT_FUSIONS": "spec", "WEIGHT_MODES": "spec", "BankSpec": "spec", "DenoiseSpec": "spec",
-    "check_shrinkage": "spec",
+    "check_shrinkage": "spec", "check_support_images": "spec",
     "DISCRIMINATORS": "discriminators", "Discriminator": "discriminators", "DiscriminatorSettings": "discriminators",
     "PatchScores": "discriminators", "check_discriminator": "discriminators", "min_images": "discriminators",
     "outlier_scores": "discriminators", "score_patches": "discriminators",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._validation import is_number
+from .._validation import is_int, is_number
 
 ALIGNMENTS: tuple[str, ...] = ("auto", "position", "window", "global")
 FUSIONS: tuple[str, ...] = ("mean", "max")
@@ -29,6 +29,15 @@ def check_shrinkage(value) -> float | str:
     if not ok:
         raise ValueError(f"gaussian_shrinkage must be {SHRINKAGE_HELP}, got {value!r}")
     return value
+
+
+def check_support_images(value) -> int | None:
+    """``support_images`` (:mod:`.support`): None (off) or an int >= 1."""
+    if value is None:
+        return None
+    if not is_int(value) or value < 1:
+        raise ValueError(f"support_images must be None or an int >= 1, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ def test_training_report_contract(fitted_softpatch, clean_data):
     top = rep.top(3)
     assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
     rows = rep.to_rows()
-    assert set(rows[0]) == {"name", "source", "score", "flagged", "removed_fraction"}
+    assert {"rank", "name", "source", "contamination_score", "flagged", "removed_fraction"} <= set(rows[0])
     assert "TrainingReport" in str(rep)
 
 

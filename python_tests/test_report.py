@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 from softpatch_cuda import report
+from softpatch_cuda.results import TrainingReport
 from softpatch_cuda.demo import html as demo_html
 
 
@@ -120,34 +120,26 @@ def test_write_csv(tmp_path):
                    {"name": "b.png", "score": "2", "ok": "false", "x": "3"}]
 
 
-@dataclass
-class FakeTrainingReport:
-    names: list
-    scores: np.ndarray
-    flagged: np.ndarray
-    threshold: float = 1.5
-    sources: list = field(default_factory=list)
-
-
 def test_training_report_rows_sorted_and_formatted():
-    rep = FakeTrainingReport(["a.png", "b.png", "c.png"], np.array([1.0, 3.0, 2.0]), np.array([False, True, True]),
-                             sources=["/d/a.png", "/d/b.png", "/d/c.png"])
-    rows = report.training_report_rows(rep)
+    rep = TrainingReport(["a.png", "b.png", "c.png"], ["/d/a.png", "/d/b.png", "/d/c.png"], np.array([1.0, 3.0, 2.0]),
+                         np.array([False, True, True]), 1.5)
+    rows = rep.to_rows()
     assert [r["name"] for r in rows] == ["b.png", "c.png", "a.png"]
     assert [r["rank"] for r in rows] == [1, 2, 3]
-    assert rows[0] == {"rank": 1, "name": "b.png", "source": "/d/b.png", "contamination_score": 3.0, "flagged": True}
+    assert rows[0] == {"rank": 1, "name": "b.png", "source": "/d/b.png", "contamination_score": 3.0, "flagged": True,
+                       "removed_fraction": 0.0}
     text = report.format_training_report(rep, top=2)
     assert "2 of 3 images flagged" in text and "threshold 1.5" in text
     lines = text.splitlines()
     assert "b.png" in lines[3] and "yes" in lines[3] and "c.png" in lines[4]
     assert "a.png" not in text  # only the top 2
     # repeated file names: paths relative to the shared folder
-    rep3 = FakeTrainingReport(["001.png", "001.png"], np.array([1.0, 2.0]), np.array([False, True]),
-                              sources=["/d/nut/train/good/001.png", "/d/nut/test/dent/001.png"])
-    assert [r["name"] for r in report.training_report_rows(rep3)] == ["test/dent/001.png", "train/good/001.png"]
+    rep3 = TrainingReport(["001.png", "001.png"], ["/d/nut/train/good/001.png", "/d/nut/test/dent/001.png"],
+                          np.array([1.0, 2.0]), np.array([False, True]), 1.5)
+    assert [r["name"] for r in rep3.to_rows()] == ["test/dent/001.png", "train/good/001.png"]
     # no sources: still works
-    rep2 = FakeTrainingReport(["x"], np.array([0.5]), np.array([False]))
-    assert report.training_report_rows(rep2)[0]["source"] is None
+    rep2 = TrainingReport(["x"], [], np.array([0.5]), np.array([False]), 1.5)
+    assert rep2.to_rows()[0]["source"] is None
 
 
 # ------------------------------------------------------------------ demo HTML

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ._pixels import IMAGE_EXTENSIONS, list_images, load_image  # torch-free: the ONNX predictor uses these jobs
-from .report import distinct_names, overlay, save_png, training_report_rows, write_csv, write_json
+from .report import overlay, save_png, write_csv, write_json
+from .results import distinct_names
 from .serialization import write_atomically
 
 PREDICT_CHUNK = 32  # images per predict() call: bounds the memory held by anomaly maps
@@ -120,7 +121,7 @@ def fit_to_file(model: Any, paths: Sequence[str], out: str | os.PathLike, report
         fit(model, list(paths))
     fit_s = time.perf_counter() - t0
     model.save(out)
-    write_atomically(report_csv, lambda tmp: write_csv(tmp, training_report_rows(model.training_report())))
+    write_atomically(report_csv, lambda tmp: write_csv(tmp, model.training_report().to_rows()))
     return FitResult(model, out, report_csv, fit_s)
 
 

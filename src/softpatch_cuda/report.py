@@ -19,6 +19,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from .results import distinct_names
+
 logger = logging.getLogger(__name__)
 
 # Turbo colormap, polynomial approximation (A. Mikhailov / R. Du, Google 2019): per channel
@@ -205,42 +207,9 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def training_report_rows(report: Any) -> list[dict]:
-    """Rows (most suspicious first) of a TrainingReport: rank, name, source, score, flagged."""
-    scores = np.asarray(report.scores, dtype=np.float64)
-    sources = list(getattr(report, "sources", None) or [None] * len(scores))
-    flagged = np.asarray(report.flagged, dtype=bool)
-    names = distinct_names(list(report.names), sources)
-    order = np.argsort(-scores, kind="stable")
-    return [
-        {
-            "rank": rank + 1,
-            "name": names[i],
-            "source": sources[i] if i < len(sources) else None,
-            "contamination_score": float(scores[i]),
-            "flagged": bool(flagged[i]),
-        }
-        for rank, i in enumerate(order)
-    ]
-
-
-def distinct_names(names: list[str], sources: list[str | None]) -> list[str]:
-    """File names repeat across folders (train/good/001.png, test/dent/001.png): then show
-    each file's path relative to the folder all of them share."""
-    if len(set(names)) == len(names) or not sources or any(s is None for s in sources):
-        return names
-    try:
-        common = os.path.commonpath([os.path.abspath(s) for s in sources])
-    except ValueError:  # different drives
-        return names
-    if os.path.isfile(common):
-        common = os.path.dirname(common)
-    return [Path(os.path.relpath(os.path.abspath(s), common)).as_posix() for s in sources]
-
-
 def format_training_report(report: Any, top: int = 10) -> str:
     """Human-readable summary: how many images were flagged and the top suspects."""
-    rows = training_report_rows(report)
+    rows = report.to_rows()
     n_flagged = sum(r["flagged"] for r in rows)
     threshold = getattr(report, "threshold", None)
     head = f"Training-set contamination: {n_flagged} of {len(rows)} images flagged"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -75,6 +77,11 @@ class TrainingReport:
             alike are not flagged).
         removed_fraction: [N] float32 fraction of the image's patches excluded from the
             memory bank (0 for PatchCore).
+        evidence: with leave-out support (SoftPatch / SoftPatch+ defaults), what the score
+            combines, per image and relative to a typical image (1): "discriminators" (the
+            patch discriminators' score above) and "leave_out" (the image scored against a
+            bank of the other images); ``scores`` is then their mean and ``threshold`` the
+            split of :func:`softpatch_cuda.denoise.support.split_limit`.
     """
 
     names: list[str]
@@ -83,6 +90,7 @@ class TrainingReport:
     flagged: np.ndarray
     threshold: float
     removed_fraction: np.ndarray | None = None
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -95,7 +103,7 @@ class TrainingReport:
             return self
         removed = None if self.removed_fraction is None else np.asarray(self.removed_fraction)[idx]
         return TrainingReport(list(names), list(sources), np.asarray(self.scores)[idx], np.asarray(self.flagged)[idx],
-                              self.threshold, removed)
+                              self.threshold, removed, {k: np.asarray(v)[idx] for k, v in self.evidence.items()})
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` most contaminated-looking images, highest score first."""
@@ -103,20 +111,36 @@ class TrainingReport:
         return [(self.names[i], float(self.scores[i])) for i in order]
 
     def to_rows(self) -> list[dict]:
-        removed = self.removed_fraction if self.removed_fraction is not None else np.zeros(len(self.names))
-        sources = self.sources if self.sources else [None] * len(self.names)
-        return [
-            {
-                "name": n,
-                "source": s,
-                "score": float(sc),
-                "flagged": bool(f),
-                "removed_fraction": float(r),
-            }
-            for n, s, sc, f, r in zip(self.names, sources, self.scores, self.flagged, removed)
-        ]
+        """The report's one table, most suspicious first: rank, name (the path below the
+        folder all images share where file names repeat), source, contamination score,
+        flagged, removed fraction and, with leave-out support, the evidence columns."""
+        scores = np.asarray(self.scores, dtype=np.float64)
+        sources = list(self.sources) if self.sources else [None] * len(self.names)
+        names = distinct_names(list(self.names), sources)
+        removed = np.zeros(len(scores)) if self.removed_fraction is None else np.asarray(self.removed_fraction)
+        rows = []
+        for rank, i in enumerate(np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")):
+            row = {"rank": rank + 1, "name": names[i], "source": sources[i], "contamination_score": float(scores[i]),
+                   "flagged": bool(self.flagged[i]), "removed_fraction": float(removed[i])}
+            row.update({f"{key}_evidence": float(values[i]) for key, values in self.evidence.items()})
+            rows.append(row)
+        return rows
 
     def __str__(self) -> str:
         from .report import format_training_report  # noqa: PLC0415 -- the one table of this report
 
         return f"TrainingReport: {format_training_report(self, top=len(self))}"
+
+
+def distinct_names(names: list[str], sources: list[str | None]) -> list[str]:
+    """File names repeat across folders (train/good/001.png, test/dent/001.png): then show
+    each file's path relative to the folder all of them share."""
+    if len(set(names)) == len(names) or not sources or any(s is None for s in sources):
+        return names
+    try:
+        common = os.path.commonpath([os.path.abspath(s) for s in sources])
+    except ValueError:  # different drives
+        return names
+    if os.path.isfile(common):
+        common = os.path.dirname(common)
+    return [Path(os.path.relpath(os.path.abspath(s), common)).as_posix() for s in sources]

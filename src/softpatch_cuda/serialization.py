@@ -25,7 +25,7 @@ from typing import Any, Callable
 from ._validation import is_int
 
 FORMAT_NAME = "softpatch_cuda.model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: banks' leave-out support distances, the report's evidence columns
 METADATA_KEY = "softpatch_cuda"
 CHECKSUM_KEY = "checksum"
 

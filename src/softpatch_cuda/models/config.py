@@ -23,6 +23,7 @@ from .._validation import check_bool, check_choice, check_int, check_number
 from ..denoise.discriminators import DISCRIMINATORS, DiscriminatorSettings
 from ..denoise.spec import (
     ALIGNMENTS, FUSIONS, RANK_SCOPES, WEIGHT_FUSIONS, WEIGHT_MODES, BankSpec, DenoiseSpec, check_shrinkage,
+    check_support_images,
 )
 from ..memory_bank import MemoryBank
 from ..scoring import DISTANCES, IMAGE_SCORES
@@ -111,6 +112,10 @@ def _size(text: str) -> int | None:
 
 def _optional_number(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 @dataclass(frozen=True)
@@ -204,10 +209,16 @@ class PatchCoreConfig:
     def transform(self) -> ImageTransform:
         return ImageTransform(resize=self.resize, crop=self.crop)
 
-    def memory_bank(self, features: Any, weights: Any, source_image: Any) -> MemoryBank:
-        """A bank of these rows that scores as this config says (distance, search): every
-        bank a fit merges or a model file holds is built here."""
-        return MemoryBank(features, weights, source_image, self.distance, self.search)
+    def memory_bank(self, features: Any, weights: Any, source_image: Any, support: Any = None,
+                    support_rows: Any = None) -> MemoryBank:
+        """A bank of these rows that scores as this config says (distance, search; the rows'
+        leave-out support distances, if any): every bank a fit merges or a model file holds
+        is built here."""
+        return MemoryBank(features, weights, source_image, self.distance, self.search, support, support_rows)
+
+    def support_banks(self) -> tuple[str, ...]:
+        """The banks whose rows get leave-out support distances (:mod:`softpatch_cuda.denoise.support`)."""
+        return ()
 
     def discriminator_settings(self) -> DiscriminatorSettings:
         """PatchCore runs LOF (default settings) only to fill the training report; too
@@ -230,6 +241,10 @@ class _DenoisingConfig(PatchCoreConfig):
     gaussian_shrinkage: covariance shrinkage of the Gaussian discriminator.
     removal_mad: "do no harm" gate: a top-fraction patch is removed only if its score
     also exceeds median + removal_mad * 1.4826 * MAD (None: the papers' fixed fraction).
+    support_images: leave-out support (:mod:`softpatch_cuda.denoise.support`): a bank row
+    vouches for a test patch only as far as that many other training images vouch for
+    the row, and training images whose leave-out score stands out are flagged and vouch
+    for nothing (None: off, the papers).
     """
 
     alignment: str = option("auto", _choice(ALIGNMENTS), "which training patches are compared: auto, position (the "
@@ -245,8 +260,16 @@ class _DenoisingConfig(PatchCoreConfig):
     removal_mad: float | None = option(6.0, _number(0.0, allow_none=True), "the removal gate: a top-share patch goes "
                                        "only if its score is above median + K * 1.4826 * MAD ('none': the whole top "
                                        "share, as --removal fixed)", metavar="K", parse=_optional_number)
+    support_images: int | None = option(2, lambda name, value: check_support_images(value),
+                                        "leave-out support: a training patch vouches for a test patch only as far as "
+                                        "K other training images vouch for it, so a defect memorised from fewer than "
+                                        "K training images no longer hides its twins ('none': off, as the papers)",
+                                        metavar="K", parse=_optional_int)
 
     denoising: ClassVar[bool] = True
+
+    def support_banks(self) -> tuple[str, ...]:
+        return () if self.support_images is None else tuple(b.name for b in self.denoise_spec().banks)
 
     def _settings(self, methods: tuple[str, ...]) -> DiscriminatorSettings:
         return DiscriminatorSettings(methods=methods, alignment=self.alignment, window=self.window, lof_k=self.lof_k,
@@ -328,7 +351,7 @@ class SoftPatchPlusConfig(_DenoisingConfig):
 # under a misspelt keyword and silently runs k = 5; lof_k=5 reproduces that).
 _PAPER_COMMON = {"backbone": "wide_resnet50_2.tv_in1k", "layers": ("layer2", "layer3"), "embed_dim": 1024,
                  "resize": 256, "crop": 224, "coreset_ratio": 0.1, "distance": "squared_l2"}
-_PAPER_DENOISING = {"alignment": "position", "removal_mad": None, "weight_mode": "median"}
+_PAPER_DENOISING = {"alignment": "position", "removal_mad": None, "weight_mode": "median", "support_images": None}
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "PatchCoreConfig": dict(_PAPER_COMMON),
     "SoftPatchConfig": dict(_PAPER_COMMON, **_PAPER_DENOISING, discriminator="lof", noise_threshold=0.15),
@@ -344,7 +367,10 @@ class _Legacy:
     RUNTIME_KEYS = ("device", "progress")  # 0.1 stored these in the config
 
     def upgrade(self, cls: type, data: dict) -> dict:
-        return {k: v for k, v in data.items() if k not in self.RUNTIME_KEYS}
+        data = {k: v for k, v in data.items() if k not in self.RUNTIME_KEYS}
+        if cls.denoising and "support_images" not in data:  # fitted before 0.3: banks without support
+            data["support_images"] = None
+        return data
 
 
 LEGACY = _Legacy()

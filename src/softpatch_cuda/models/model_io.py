@@ -1,7 +1,8 @@
 """Model files <-> fitted states (the file format itself: :mod:`softpatch_cuda.serialization`).
 
-Tensors: the projection, each bank's features / source images / soft weights, the
-training report's arrays. Header (JSON): model type, the typed config as-is, the
+Tensors: the projection, each bank's features / source images / soft weights /
+leave-out support distances, the training report's arrays (and its evidence columns).
+Header (JSON): model type, the typed config as-is, the
 threshold and score floor, the backbone spec, embed_dim, fit information and the
 report's names.
 
@@ -36,10 +37,14 @@ def save_state(path: str | os.PathLike, model_type: str, config: PatchCoreConfig
         tensors[f"{name}_bank.source_image"] = to_numpy(bank.source_image)
         if bank.weights is not None:
             tensors[f"{name}_bank.weights"] = to_numpy(bank.weights)
+        if bank.support is not None:
+            tensors[f"{name}_bank.support"] = to_numpy(bank.support)
     rep = state.report
     tensors["report.scores"] = np.asarray(rep.scores, dtype=np.float32)
     tensors["report.flagged"] = np.asarray(rep.flagged, dtype=np.uint8)
     tensors["report.removed_fraction"] = np.asarray(rep.removed_fraction, dtype=np.float32)
+    for key, values in rep.evidence.items():
+        tensors[f"report.evidence.{key}"] = np.asarray(values, dtype=np.float32)
     header = {
         "model_type": model_type,
         "library_version": __version__,
@@ -103,10 +108,11 @@ def check_contents(tensors: dict[str, np.ndarray], header: dict, path: str) -> N
         src = _array(tensors, f"{name}_bank.source_image", path, 1, "int64")
         if src.shape[0] != feats.shape[0] or (src < 0).any() or (src >= n).any():
             _fail(path, f"{name} bank source images")
-        if f"{name}_bank.weights" in tensors:
-            w = _array(tensors, f"{name}_bank.weights", path, 1, "float32")
-            if w.shape[0] != feats.shape[0] or (w < 0).any():
-                _fail(path, f"{name} bank weights")
+        for part in ("weights", "support"):
+            if f"{name}_bank.{part}" in tensors:
+                a = _array(tensors, f"{name}_bank.{part}", path, 1, "float32")
+                if a.shape[0] != feats.shape[0] or (a < 0).any():
+                    _fail(path, f"{name} bank {part}")
     scores = _array(tensors, "report.scores", path, 1, "float32", finite=False)
     if scores.shape[0] != n or not (np.isfinite(scores).all() or np.isnan(scores).all()):
         _fail(path, "training report scores")  # all NaN: a report without scores
@@ -115,6 +121,10 @@ def check_contents(tensors: dict[str, np.ndarray], header: dict, path: str) -> N
     if flagged.shape[0] != n or (flagged > 1).any() or removed.shape[0] != n or (removed < 0).any() \
             or (removed > 1).any():
         _fail(path, "training report arrays")
+    for key in [k for k in tensors if k.startswith("report.evidence.")]:
+        ev = _array(tensors, key, path, 1, "float32")
+        if ev.shape[0] != n or (ev < 0).any():
+            _fail(path, f"training report {key[len('report.'):]}")
 
 
 def config_class_of(header: dict, path: Any) -> type[PatchCoreConfig]:
@@ -153,6 +163,11 @@ def read_state(path: str | os.PathLike, framework: str = "np", device: Any = "cp
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: the stored config does not fit a {model_type} model: {exc}") from exc
     check_contents(tensors, header, path)
+    for name in BANK_NAMES:
+        if f"{name}_bank.features" in tensors and \
+                (f"{name}_bank.support" in tensors) != (name in config.support_banks()):
+            _fail(path, f"the {name} bank's support distances do not match the config (support_images "
+                        f"{getattr(config, 'support_images', None)})")
     if framework == "pt":
         import torch  # noqa: PLC0415
 
@@ -165,14 +180,17 @@ def read_state(path: str | os.PathLike, framework: str = "np", device: Any = "cp
     banks = {}
     for name in BANK_NAMES:
         if f"{name}_bank.features" in tensors:
-            weights = tensors.get(f"{name}_bank.weights")
+            weights, support = tensors.get(f"{name}_bank.weights"), tensors.get(f"{name}_bank.support")
             banks[name] = config.memory_bank(array(tensors[f"{name}_bank.features"]),
                                              None if weights is None else array(weights),
-                                             array(tensors[f"{name}_bank.source_image"]))
+                                             array(tensors[f"{name}_bank.source_image"]),
+                                             None if support is None else array(support))
     rep = header["report"]
     report = TrainingReport(list(rep["names"]), list(rep["sources"]), np.array(tensors["report.scores"]),
                             tensors["report.flagged"].astype(bool), float(rep.get("threshold", float("nan"))),
-                            np.array(tensors["report.removed_fraction"]))
+                            np.array(tensors["report.removed_fraction"]),
+                            {k[len("report.evidence."):]: np.array(v) for k, v in tensors.items()
+                             if k.startswith("report.evidence.")})
     fit_info = dict(header.get("fit_info") or {})
     state = FittedState(projection=array(tensors["projection"]), banks=banks, report=report,
                         threshold=float(header["threshold"]), score_floor=float(header.get("score_floor", 0.0)),

@@ -22,6 +22,7 @@ same :func:`finish`. Each phase runs under the fit's thread budget.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -33,11 +34,17 @@ import torch
 
 from ..denoise import DenoiseResult, plan_banks, score_patches, weight_stats
 from ..denoise.policy import flag_images
+from ..denoise.support import (
+    BankSupport, RowSupport, find_candidates, leave_out_support, robust_z, split_limit, support_stats, supporters,
+    unsupported_fill,
+)
 from ..embedding import EmbeddedImages, random_projection
 from ..memory_bank import CoresetPlan, MemoryBank
 from ..results import TrainingReport
 from ..runtime import thread_budget
-from .calibration import calibration_group, choose_calibration_images, leave_out_scores, threshold_from_scores
+from .calibration import (
+    CALIBRATION_GROUP, calibration_group, choose_calibration_images, leave_out_scores, threshold_from_scores,
+)
 from .config import PatchCoreConfig
 from .state import FittedState
 
@@ -204,6 +211,8 @@ class BankPart:
     image_ids: torch.Tensor
     kept_counts: torch.Tensor
     kept_images: torch.Tensor
+    support: torch.Tensor | None = None  # [k] leave-out support distances (phase 3b)
+    supporters: RowSupport | None = None  # [k] rows' supporting images, for the calibration
 
     @property
     def kept(self) -> int:
@@ -211,8 +220,18 @@ class BankPart:
         return int(self.kept_counts.sum())
 
     def to(self, device: Any) -> "BankPart":
-        return BankPart(*(None if t is None else t.to(device) for t in (
-            self.features, self.projected, self.weights, self.image_ids, self.kept_counts, self.kept_images)))
+        moved = [None if t is None else t.to(device) for t in (
+            self.features, self.projected, self.weights, self.image_ids, self.kept_counts, self.kept_images,
+            self.support)]
+        rows = None if self.supporters is None else self.supporters.to(device)
+        return BankPart(*moved, rows)
+
+    def rows(self, keep: torch.Tensor) -> "BankPart":
+        """The part's rows ``keep`` ([k] bool), the kept-patch counts unchanged."""
+        pick = (lambda t: None if t is None else t[keep])
+        return BankPart(self.features[keep], self.projected[keep], pick(self.weights), self.image_ids[keep],
+                        self.kept_counts, self.kept_images, pick(self.support),
+                        None if self.supporters is None else self.supporters.subset(keep))
 
     def without_images(self, images: set[int]) -> "BankPart":
         """The part without the rows and counts of these training images."""
@@ -221,8 +240,8 @@ class BankPart:
         counted = ~torch.isin(self.kept_images, dropped)
         if bool(keep.all()) and bool(counted.all()):
             return self
-        return BankPart(self.features[keep], self.projected[keep], None if self.weights is None else self.weights[keep],
-                        self.image_ids[keep], self.kept_counts[counted], self.kept_images[counted])
+        part = self.rows(keep)
+        return dataclasses.replace(part, kept_counts=self.kept_counts[counted], kept_images=self.kept_images[counted])
 
 
 def coreset_plan(cfg: PatchCoreConfig, oversample: float = 1.0) -> CoresetPlan:
@@ -255,6 +274,64 @@ def select(prepared: Prepared, denoised: Denoised, settings: FitSettings, shard:
     return parts
 
 
+# ------------------------------------------------------------------ 3b. support
+@dataclass
+class Supported:
+    """The support phase's outcome for a shard (:mod:`softpatch_cuda.denoise.support`):
+    per distinct image of the shard its leave-out score, combined evidence and flag; how
+    many rows each bank dropped; the flag rounds. Empty when the config has no support."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    removed_rows: dict[str, int] = field(default_factory=dict)
+    rounds: int = 0
+
+
+def support(prepared: Prepared, denoised: Denoised, parts: dict[str, BankPart], settings: FitSettings) -> Supported:
+    """Phase 3b: the rows of the config's support banks get their leave-out support
+    distances -- from the kept patches of the shard's other, unflagged images -- and
+    training images are flagged by their evidence (leave-out score combined with the
+    discriminators' score). A flagged image's rows whose support distance alone exceeds
+    the leave-out split leave the banks: the patches by which it stands out (none when
+    nothing is flagged). ``parts`` is updated in place."""
+    cfg = settings.config
+    names = [b for b in cfg.support_banks() if b in parts]
+    if not names or denoised.result is None:
+        return Supported()
+
+    k, spare = cfg.support_images, CALIBRATION_GROUP
+    n = prepared.embeddings.shape[0]
+    h, w = prepared.grid
+    flat = prepared.flat
+    ids = torch.as_tensor(prepared.image_ids, device=flat.device)
+    image_index = ids.repeat_interleave(h * w)
+    n_ids = int(prepared.image_ids.max()) + 1
+    other = np.zeros(n_ids, dtype=np.float32)
+    other[prepared.image_ids] = denoised.result.image_scores
+    out = Supported()
+    result = None
+    with thread_budget(settings.threads):
+        for name in names:  # the classification bank first: its rows decide the flags
+            part = parts[name]
+            kept, _ = denoised.kept(name, n * h * w, flat.device)
+            cand = find_candidates(part.features, part.image_ids, flat[kept], image_index[kept], n_ids)
+            if result is None:
+                result = leave_out_support(cand, k, spare, other)
+                rows = result.rows
+            else:
+                rows = supporters(cand, torch.as_tensor(result.flagged, device=flat.device), k + spare)
+            dist = rows.distance(k)
+            flagged_row = torch.as_tensor(result.flagged, device=flat.device)[part.image_ids]
+            drop = flagged_row & ~(dist <= result.distance_limit)
+            part = dataclasses.replace(part, support=dist, supporters=rows)
+            parts[name] = part.rows(~drop) if bool(drop.any()) else part
+            out.removed_rows[name] = int(drop.sum())
+    out.rounds = result.rounds
+    own = prepared.image_ids
+    out.columns = {"leave_out": result.leave_out[own] / max(float(np.median(result.leave_out[own])), 1e-12),
+                   "contamination": result.evidence[own], "flagged": result.flagged[own].astype(np.float32)}
+    return out
+
+
 # ------------------------------------------------------------------ one shard
 @dataclass
 class ShardResult:
@@ -275,6 +352,7 @@ class ShardResult:
     alignment_statistic: float | None
     fingerprint: str | None
     timings: dict[str, float] = field(default_factory=dict)
+    support: dict = field(default_factory=dict)  # what the support phase did (rows dropped, flag rounds)
 
     @property
     def n_images(self) -> int:
@@ -298,11 +376,15 @@ def fit_shard(embedded: EmbeddedImages, settings: FitSettings, shard: Shard = Sh
     t0 = time.perf_counter()
     parts = select(prepared, denoised, settings, shard)
     timings["coreset_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    supported = support(prepared, denoised, parts, settings)
+    timings["support_s"] = time.perf_counter() - t0
     n = prepared.embeddings.shape[0]
     return ShardResult(shard, prepared.names, prepared.sources, prepared.digests, prepared.distinct,
-                       prepared.original_of, denoised.report_columns(n), parts, prepared.grid,
-                       int(prepared.embeddings.shape[-1]), denoised.alignment, denoised.alignment_statistic,
-                       settings.fingerprint, timings)
+                       prepared.original_of, dict(denoised.report_columns(n), **supported.columns), parts,
+                       prepared.grid, int(prepared.embeddings.shape[-1]), denoised.alignment,
+                       denoised.alignment_statistic, settings.fingerprint, timings,
+                       {"removed_rows": supported.removed_rows, "rounds": supported.rounds})
 
 
 # ------------------------------------------------------------------ 4. merge
@@ -324,6 +406,7 @@ class Merged:
     shards: list[dict]
     union_rows: dict[str, int]
     cross_shard_duplicates: int
+    support: dict = field(default_factory=dict)  # the shards' support records, summed (rows dropped, rounds)
 
 
 def _gather(parts: list[BankPart], rows: torch.Tensor, attr: str) -> torch.Tensor | None:
@@ -383,9 +466,9 @@ def merge(results: Iterable[ShardResult], settings: FitSettings, device: Any, n_
             names[g] = r.names[i] if r.sources[i] is not None or r.shard.count == 1 else f"image_{g}"
             sources[g] = r.sources[i]
     report_columns = {key: np.asarray(values, dtype=np.float32) for key, values in columns.items()}
-    flagged, limit = flag_images(report_columns["scores"])
-    report = TrainingReport([names[i] for i in distinct], [sources[i] for i in distinct], report_columns["scores"],
-                            flagged, limit, report_columns["removed_fraction"]).expanded(names, sources, original)
+    report = _report(report_columns, [names[i] for i in distinct], [sources[i] for i in distinct])
+    flagged = report.flagged
+    report = report.expanded(names, sources, original)
 
     plan = coreset_plan(cfg)
     banks: dict[str, MemoryBank] = {}
@@ -400,19 +483,48 @@ def merge(results: Iterable[ShardResult], settings: FitSettings, device: Any, n_
             kept[name] = sum(p.kept for p in parts)
             if len(parts) == 1:  # one shard: its coreset is the bank
                 only = parts[0]
-                features, weights, ids = only.features, only.weights, only.image_ids
+                features, weights, ids, support = only.features, only.weights, only.image_ids, only.support
+                supporters = only.supporters
             else:
                 rows = plan.reduce([p.projected for p in parts], [p.kept for p in parts], cfg.seed)
-                features, weights, ids = (_gather(parts, rows, a) for a in ("features", "weights", "image_ids"))
-            banks[name] = cfg.memory_bank(features, weights, ids)
+                features, weights, ids, support = (_gather(parts, rows, a)
+                                                   for a in ("features", "weights", "image_ids", "support"))
+                supporters = None if parts[0].supporters is None else \
+                    RowSupport.cat([p.supporters for p in parts]).subset(rows)
+            rows_support = None
+            if support is not None:
+                excluded = torch.zeros(total, dtype=torch.bool, device=ids.device)
+                excluded[torch.as_tensor(np.asarray(distinct)[flagged], dtype=torch.int64, device=ids.device)] = True
+                rows_support = BankSupport(supporters, cfg.support_images, excluded)
+                support = unsupported_fill(support)
+            banks[name] = cfg.memory_bank(features, weights, ids, support, rows_support)
     votes = Counter(r.alignment for r in collected if r.alignment is not None)
     stats = [r.alignment_statistic for r in collected if r.alignment_statistic is not None]
     shards = [{"images": r.n_images, "first_image": r.shard.first_image, "alignment": r.alignment,
                "alignment_statistic": r.alignment_statistic,
                "timings": {k: round(v, 3) for k, v in r.timings.items()}} for r in collected]
+    support_record: dict = {}
+    if first.support:
+        support_record = {"removed_rows": {name: sum(r.support["removed_rows"].get(name, 0) for r in collected)
+                                           for name in first.support["removed_rows"]},
+                          "rounds": max(r.support["rounds"] for r in collected)}
     return Merged(banks, np.asarray(distinct, dtype=np.int64), flagged, report,
                   votes.most_common(1)[0][0] if votes else None, float(np.median(stats)) if stats else None,
-                  first.grid, first.embed_dim, kept, shards, union_rows, len(duplicates))
+                  first.grid, first.embed_dim, kept, shards, union_rows, len(duplicates), support_record)
+
+
+def _report(columns: dict[str, np.ndarray], names: list[str], sources: list[str | None]) -> TrainingReport:
+    """The training report of the distinct images from the shards' columns. With leave-out
+    support: the combined evidence, the shards' flags and, as evidence columns, the
+    discriminators' and the leave-out scores (each a robust z-score, 0 = a typical image); without:
+    the discriminators' contamination scores and their flags (:func:`flag_images`)."""
+    if "contamination" not in columns:
+        flagged, limit = flag_images(columns["scores"])
+        return TrainingReport(names, sources, columns["scores"], flagged, limit, columns["removed_fraction"])
+    scores = columns["contamination"]
+    evidence = {"discriminators": robust_z(columns["scores"]), "leave_out": robust_z(columns["leave_out"])}
+    return TrainingReport(names, sources, scores, columns["flagged"] > 0.5, split_limit(scores),
+                          columns["removed_fraction"], evidence)
 
 
 # ------------------------------------------------------------------ 5. calibrate
@@ -456,7 +568,12 @@ def fit_info(merged: Merged, calibration: Calibration, timings: dict[str, float]
         info[f"{name}_removed"] = int(removed)
         info[f"{name}_removed_share"] = removed / float(n * h * w)
         info[f"{name}_weights"] = weight_stats(bank.weights)
+        if bank.support is not None:  # leave-out support: its distances' spread, the rows it dropped
+            info[f"{name}_support"] = support_stats(bank.support)
+            info[f"{name}_unsupported_removed"] = merged.support["removed_rows"].get(name, 0)
     info["flagged_images"] = int(np.sum(merged.report.flagged))
+    if merged.support:
+        info["support_rounds"] = merged.support["rounds"]
     info["calibration_scores"] = [float(s) for s in calibration.scores]
     info["timings"] = dict(timings)
     if sharding is not None:
@@ -472,7 +589,7 @@ def finish(results: Iterable[ShardResult], settings: FitSettings, *, device: Any
     timings = dict(timings or {})
     t0 = time.perf_counter()
     results = list(results)
-    for key in ("features_s", "denoise_s", "coreset_s"):
+    for key in ("features_s", "denoise_s", "coreset_s", "support_s"):
         timings[key] = timings.get(key, 0.0) + sum(r.timings.get(key, 0.0) for r in results)
     merged = merge(results, settings, device, n_images)
     del results  # the shards' coresets: only the banks remain

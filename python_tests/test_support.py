@@ -82,6 +82,42 @@ def test_split_limit_numpy_reading():
     assert S.split_limit(np.array([1.0, 2.0])) == np.inf  # too few to split
 
 
+def test_combined_evidence_numpy_reading():
+    """Each evidence as (x - median) / lower-half sigma (floored), the two averaged."""
+    rng = np.random.default_rng(1)
+    a = np.concatenate([rng.normal(5, 0.5, 100), [9.0, 12.0]])
+    b = np.concatenate([rng.gamma(2.0, 1.0, 100), [2.0, 30.0]])
+    present = np.ones(len(a), dtype=bool)
+    present[5] = False  # an absent image does not count in the centre or the spread
+
+    def z(x):
+        ref = x[present]
+        med = np.median(ref)
+        sigma = max((med - np.percentile(ref, 25)) / 0.6745, S.SPLIT_SCALE_FLOOR * abs(med))
+        return (x - med) / sigma
+
+    np.testing.assert_allclose(S.combined_evidence(a, b, present), (z(a) + z(b)) / 2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(S.combined_evidence(a, None, present), z(a), rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_is_not_swamped_by_an_evidence_that_sees_nothing():
+    """One evidence finds the planted images clearly (z = 16), the other is noise of any
+    spread: the fused evidence still flags exactly them (a mean of ratios to the median
+    was swamped by the wider one), and a clean set flags none. Averaging halves a signal
+    only one evidence sees; the split then uses the spread of the mean."""
+    rng = np.random.default_rng(2)
+    n, planted = 200, [7, 50, 120, 160, 199]
+    sees = rng.normal(1.0, 0.05, n)
+    sees[planted] += 0.8
+    present = np.ones(n, dtype=bool)
+    for spread in (0.01, 0.3, 0.9):
+        blind = np.abs(rng.normal(1.0, spread, n))
+        fused = S.combined_evidence(blind, sees, present)
+        assert set(np.flatnonzero(fused > S.split_limit(fused))) == set(planted)
+        clean = S.combined_evidence(blind, rng.normal(1.0, 0.05, n), present)
+        assert (clean > S.split_limit(clean)).sum() <= 1
+
+
 def _support_all_rows(patches, images, n, k, spare=0):
     c = S.find_candidates(patches, images, patches, images, n)
     return S.leave_out_support(c, k, spare=spare)

@@ -57,7 +57,7 @@ from softpatch_cuda.models import CLI_NAMES, kind_by_cli_name  # noqa: E402
 from softpatch_cuda.report import format_pct, write_json  # noqa: E402
 
 DEFAULT_NOISE = (0.0, 0.1, 0.2, 0.4)
-PROTOCOLS = ("no-overlap", "overlap")
+PROTOCOLS = ("no-overlap", "overlap")  # and "no-overlap-paired" (see test_subset)
 ANOMALIB = "anomalib-patchcore"
 DEMO_SIZES = {"n_train": 30, "n_test_good": 20, "n_test_defect": 20, "image_size": 128}
 MODEL_SPEC = re.compile(r"^([a-z+-]+)(?:\[(.*)\])?$")
@@ -158,10 +158,16 @@ def plant(split: DatasetSplit, ratio: float, seed: int, min_left: int) -> tuple[
 
 
 def test_subset(test, planted: set[str], protocol: str) -> np.ndarray:
-    """Indices of the test images that count in this protocol."""
+    """Indices of the test images that count in this protocol. "no-overlap-paired": also
+    without the good test images named like a planted image -- on sets whose good test
+    images are the defect-free templates of the defective ones (DeepPCB: test/good/<n> is
+    the template of test/defect/<n>), a planted defective image is a near-duplicate of its
+    template, so no-overlap rewards a bank that keeps the planted image."""
     if protocol == "overlap":
         return np.arange(len(test))
-    return np.array([i for i, s in enumerate(test) if s.path not in planted], dtype=np.int64)
+    names = {Path(p).name for p in planted} if protocol == "no-overlap-paired" else set()
+    return np.array([i for i, s in enumerate(test) if s.path not in planted
+                     and not (s.label == 0 and Path(s.path).name in names)], dtype=np.int64)
 
 
 # ------------------------------------------------------------------ models
@@ -202,8 +208,19 @@ def test_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | Non
 def denoising_record(model) -> dict:
     info = model.fit_info_
     keys = ("alignment", "alignment_statistic", "cls_bank_size", "cls_removed_share", "cls_weights",
-            "seg_bank_size", "seg_removed_share", "seg_weights", "flagged_images")
+            "seg_bank_size", "seg_removed_share", "seg_weights", "flagged_images", "cls_support", "seg_support",
+            "cls_unsupported_removed", "seg_unsupported_removed", "support_rounds")
     return {k: info.get(k) for k in keys if k in info}
+
+
+def evidence_detection(report, planted: np.ndarray) -> dict:
+    """AUROC of each evidence column of the training report for the planted images."""
+    out = {}
+    for key, values in (getattr(report, "evidence", None) or {}).items():
+        v = np.asarray(values, dtype=np.float64)
+        if planted.any() and not planted.all() and np.isfinite(v).all():
+            out[key] = float(metrics.image_auroc(planted.astype(int), v))
+    return out
 
 
 # ------------------------------------------------------------------ one category
@@ -250,7 +267,12 @@ def run_category(root: Path, category: str, args: argparse.Namespace, size: int 
                     predict_s = time.perf_counter() - t1
                     scores, maps = pred.scores, pred.maps
                     denoise = denoising_record(model)
-                    detection = contamination_detection(model.training_report(), planted_mask) if ratio > 0 else {}
+                    report = model.training_report()
+                    detection = contamination_detection(report, planted_mask) if ratio > 0 else {}
+                    if ratio > 0:
+                        detection["evidence_auroc"] = evidence_detection(report, planted_mask)
+                    else:
+                        detection["flagged"] = int(np.asarray(report.flagged).sum())
                 if masks_all is None and any(s.mask_path for s in split.test):
                     masks_all = masks_in_model_frame(split.test, build_model(
                         ours[0] if ours else {"name": "patchcore", "options": {}}, args, size).transform)
@@ -332,8 +354,9 @@ def category_table(rows: list[dict], models: list[str], noises: list[float], pro
 def denoising_table(rows: list[dict], models: list[str], noises: list[float], protocol: str) -> list[str]:
     """What the denoising did, averaged over categories and seeds (one protocol: fits are shared)."""
     lines = ["| model | noise | cls removed % | seg removed % | cls weights > 1 % | cls weight p99 | "
-             "flagged / planted | report AUROC | flag precision | flag recall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "flagged / planted | report AUROC | flag precision | flag recall | AUROC discriminators / leave-out | "
+             "unsupported rows removed cls / seg |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in models:
         for ratio in noises:
             prot = "clean" if ratio == 0 else protocol
@@ -351,7 +374,11 @@ def denoising_table(rows: list[dict], models: list[str], noises: list[float], pr
                 f"{_fmt(_mean(w.get('p99') for w in cw))} | "
                 f"{_fmt(_mean(x.get('flagged_images') for x in d), 1)} / {_fmt(_mean(r['n_planted'] for r in sel), 1)} | "
                 f"{format_pct(_mean(x.get('auroc') for x in c))} | {format_pct(_mean(x.get('precision') for x in c))} | "
-                f"{format_pct(_mean(x.get('recall') for x in c))} |")
+                f"{format_pct(_mean(x.get('recall') for x in c))} | "
+                f"{format_pct(_mean((x.get('evidence_auroc') or {}).get('discriminators') for x in c))} / "
+                f"{format_pct(_mean((x.get('evidence_auroc') or {}).get('leave_out') for x in c))} | "
+                f"{_fmt(_mean(x.get('cls_unsupported_removed') for x in d), 1)} / "
+                f"{_fmt(_mean(x.get('seg_unsupported_removed') for x in d), 1)} |")
     return lines
 
 

@@ -242,6 +242,23 @@ def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     assert captured.err.strip() == ""
 
 
+def test_predict_on_an_mvtec_test_folder_reads_its_sub_folders(tiny, tmp_path, capsys):
+    """MVTec's test/ holds only sub-folders: predict reads them (no -r needed); --no-recursive
+    says what to do instead of a bare 'no images'."""
+    model = tmp_path / "widget.softpatch"
+    assert cli.main(["-q", "fit", str(tiny / "widget" / "train"), "--out", str(model), "--model", "patchcore",
+                     *TINY_MODEL]) == 0
+    test_dir = tiny / "widget" / "test"
+    out = tmp_path / "pred"
+    assert cli.main(["-q", "predict", str(model), str(test_dir), "--out", str(out), "--no-overlays"]) == 0
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["name"] for r in rows] == [f"{d}/{i:03d}.png" for d in ("good", "spot") for i in range(3)]
+    capsys.readouterr()
+    assert cli.main(["-q", "predict", str(model), str(test_dir), "--out", str(out), "--no-recursive"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "no images in folder" in line and "sub-folders were not searched" in line and "--no-recursive" in line
+
+
 @pytest.mark.slow
 def test_evaluate_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"

@@ -100,3 +100,26 @@ def test_a_chunk_with_an_unreadable_image(model, images, tmp_path):
 
 def test_overlay_names_are_unique_and_in_row_order():
     assert overlay_names(["a.png", "b.jpg", "sub/a.png", "a.png"]) == ["a.png", "b.png", "sub_a.png", "a_2.png"]
+
+
+# ------------------------------------------------------------------ MVTec layout (issue 17, item 10)
+def test_predict_reads_the_sub_folders_of_an_mvtec_test_folder(model, tmp_path):
+    """MVTec's test/ holds only sub-folders (good/, crack/, ...): a folder is read with its
+    sub-folders, by the API (model.predict) and by the command line's image collection."""
+    from builders import tiny_mvtec
+    from softpatch_cuda.jobs import collect_images
+
+    test = tiny_mvtec(tmp_path / "mvtec", categories=("widget",), n_good=2, n_bad=2) / "widget" / "test"
+    prediction = model.predict(str(test))
+    assert prediction.names == ["good/000.png", "good/001.png", "spot/000.png", "spot/001.png"]
+    assert len(prediction.scores) == 4
+    paths = collect_images([str(test)], True, "image path")
+    assert [p[len(str(test)) + 1:] for p in paths] == prediction.names
+    # the run's own output folder inside the inputs is not read back as inputs
+    (test / "results" / "overlays").mkdir(parents=True)
+    write_images(test / "results" / "overlays", object_set(1, 0, seed=1)[0])
+    (test / ".softpatch-predict-x").mkdir()  # a hidden folder (a run's staging folder)
+    write_images(test / ".softpatch-predict-x", object_set(1, 0, seed=1)[0])
+    assert collect_images([str(test)], True, "image path", exclude=test / "results") == paths
+    with pytest.raises(ValueError, match="sub-folders were not searched"):
+        collect_images([str(test)], False, "image path")

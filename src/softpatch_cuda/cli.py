@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, metavar="MODEL", help="where to save the model (e.g. model.softpatch)")
     p.add_argument("--report", metavar="CSV", help="training report CSV (default: <model>_training_report.csv)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="suspects printed (default 10)")
-    p.add_argument("-r", "--recursive", action="store_true", help="also read images in sub-folders of DATA folders")
+    p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the images in sub-folders of DATA folders too (default; --no-recursive: not)")
     _add_model_options(p)
     g = p.add_argument_group("at scale")
     _add_ray_options(g, "the shards run on Ray actors")
@@ -298,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the reason)")
     p.add_argument("--weights", metavar="FILE",
                    help="backbone weights file, when the path stored in the model is not valid here")
-    p.add_argument("-r", "--recursive", action="store_true", help="also read images in sub-folders")
+    p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the images in sub-folders too, e.g. MVTec's test/<defect>/ (default; "
+                        "--no-recursive: not)")
     g = p.add_argument_group("at scale")
     _add_ray_options(g, "score with Ray Data; the same outputs")
     g.add_argument("--graph", metavar="FILE",
@@ -571,7 +574,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not Path(args.graph).expanduser().is_file():
             raise FileNotFoundError(f"graph file not found: {args.graph}")
     out = check_writable_dir(args.out, "--out")
-    paths = collect_images(args.images, args.recursive, "image path")
+    paths = collect_images(args.images, args.recursive, "image path", exclude=out)
     source = ModelSource(path=str(model_path.resolve()), graph=None if args.graph is None else
                          str(Path(args.graph).expanduser().resolve()),
                          device="cpu" if args.graph is not None else _check_device(args.device),

@@ -79,16 +79,22 @@ def _replace(src: Path, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------ inputs
-def collect_images(inputs: Sequence[str], recursive: bool, what: str) -> list[str]:
-    """Image files from files and folders, in order; clear errors for missing paths,
-    non-images and empty folders."""
+def collect_images(inputs: Sequence[str], recursive: bool, what: str,
+                   exclude: str | os.PathLike | None = None) -> list[str]:
+    """Image files from files and folders (with ``recursive``, their sub-folders too), in
+    order; clear errors for missing paths, non-images and empty folders. Images a folder
+    holds below ``exclude`` (the run's own output folder) are left out."""
     paths: list[str] = []
+    skip = None if exclude is None else Path(exclude).expanduser().resolve()
     for item in inputs:
         p = Path(item).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"{what} not found: {item}")
         if p.is_dir():
-            paths.extend(list_images(p, recursive=recursive))
+            found = list_images(p, recursive=recursive)
+            if skip is not None:
+                found = [f for f in found if skip not in Path(f).resolve().parents]
+            paths.extend(found)
         elif p.suffix.lower() in IMAGE_EXTENSIONS:
             paths.append(str(p))
         else:

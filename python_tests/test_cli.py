@@ -304,10 +304,21 @@ def test_demo_tiny(tmp_path, capsys):
         assert set(c["metrics"]) == {"SoftPatch+", "PatchCore"}
         assert c["flag_summary"]["planted"] == 2 and len(c["noise_record"]["added"]) == 2
         assert c["flag_summary"]["n_train"] == 8
-        assert {case["kind"] for case in c["cases"]} == {"best defect", "best good", "worst defect", "worst good"}
+        # overlap (the default): the planted images stay in the test set, one of them is shown
+        assert c["noise_record"]["overlap"] is True
+        assert {case["kind"] for case in c["cases"]} == {"best defect", "best good", "worst defect", "worst good",
+                                                          "recurring defect"}
+        for case in c["cases"]:  # a heatmap per model
+            assert set(case["models"]) == {"SoftPatch+", "PatchCore"}
+            assert len({case["models"][m]["overlay"] for m in case["models"]}) == 2
+        for name, d in c["decisions"].items():
+            assert d["recurring"] == 2 and d["defects"] == 3 and 0 <= d["caught"] <= 3
+            assert f"<td>{d['threshold']:.4g}</td><td>{d['caught']} of 3</td>" in html
         for item in c["flagged"]:
             assert item["planted"] == (item["source"] in c["noise_record"]["added"])
     assert set(data["mean"]) == {"SoftPatch+", "PatchCore"}
+    assert data["protocol"] == "overlap" and "(overlap)" in html and "Overlap protocol" in html
+    assert "defects caught at the threshold: SoftPatch+ " in stdout
     assert (out / "data" / demo_app.DEMO_MARKER).is_file() and (out / "images" / demo_app.DEMO_MARKER).is_file()
 
 
@@ -323,6 +334,15 @@ def test_demo_folder_is_rebuilt_only_when_ours(tmp_path):
     with pytest.raises(cli.UsageError, match="not a demo dataset folder written by"):
         demo_app._prepare_demo_folder(foreign)
     assert (foreign / "mine.txt").is_file()
+
+
+def test_demo_runs_the_overlap_protocol_by_default():
+    """Issue 17, item 11: the demo shows the case the package exists for (the defect recurs)."""
+    import inspect
+
+    assert inspect.signature(demo_app.run_demo).parameters["overlap"].default is True
+    assert cli.build_parser().parse_args(["demo"]).overlap is True
+    assert cli.build_parser().parse_args(["demo", "--no-overlap"]).overlap is False
 
 
 def test_demo_rejects_too_much_noise(tmp_path, capsys):

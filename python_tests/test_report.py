@@ -120,6 +120,14 @@ def test_write_csv(tmp_path):
                    {"name": "b.png", "score": "2", "ok": "false", "x": "3"}]
 
 
+def test_write_csv_escapes_text_a_spreadsheet_would_run(tmp_path):
+    """CSV (formula) injection: text starting with = + - @ (or tab / CR) gets a leading quote."""
+    rows = [{"name": n, "score": -1.5} for n in ("=1+1", "+x", "-x", "@x", "\tx", "a=b", "x-")]
+    got = list(csv.DictReader(report.write_csv(tmp_path / "r.csv", rows).open()))
+    assert [r["name"] for r in got] == ["'=1+1", "'+x", "'-x", "'@x", "'\tx", "a=b", "x-"]
+    assert {r["score"] for r in got} == {"-1.5"}  # numbers stay numbers
+
+
 def test_training_report_rows_sorted_and_formatted():
     rep = TrainingReport(["a.png", "b.png", "c.png"], ["/d/a.png", "/d/b.png", "/d/c.png"], np.array([1.0, 3.0, 2.0]),
                          np.array([False, True, True]), 1.5)

@@ -41,8 +41,9 @@ DEMO_EXPLANATION = [
 DEMO_PROTOCOL = {
     True: "Overlap protocol: the planted images stay in the test set, as on a production line where the "
           "defect that slipped into the 'good' folder keeps coming back. This is the case the package exists "
-          "for: PatchCore has memorised those defects and calls them normal, SoftPatch+ has removed them "
-          "from its memory bank and still finds them ('recurring' below).",
+          "for: PatchCore has memorised those defects and scores them like normal parts; SoftPatch+ drops "
+          "most of them from its memory bank, so they still score above the good parts ('recurring' below: "
+          "how many of them each model calls anomalous at its threshold).",
     False: "No-overlap protocol: the planted images were removed from the test set, so the test never shows "
            "the memorised defects again; contamination then matters much less and the two models are close.",
 }

@@ -21,6 +21,7 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}tr.mean td{font-weight:bold;back
 .bar.px{background:#e0883a}
 .grid{display:flex;flex-wrap:wrap;gap:.8em}.card{width:180px;font-size:.8em}
 .card img{width:180px;height:auto;image-rendering:auto;border:1px solid #bbb}
+table.maps .card,table.maps .card img{width:160px}table.maps th{font-size:.8em;font-weight:normal;vertical-align:top}
 .ok{color:#1a7f37}.bad{color:#c0392b}.muted{color:#777}
 code{background:#f3f3f3;padding:0 .2em}
 """
@@ -94,6 +95,52 @@ def demo_report_html(results: dict, out_dir: str | os.PathLike) -> str:
     parts.append(f"<table>{head}{''.join(rows)}</table>")
     _decisions_section(parts, results, models)
 
+    # --- heatmaps: the same test images under every model
+    parts.append("<h2>Anomaly maps: the same test images under every model</h2>")
+    parts.append(
+        "<p>Anomaly map overlays of a few test images, one row per model (colour: blue = normal, "
+        "red = anomalous; each model's colour scale is centred on its own decision threshold, the same "
+        "for all images of a category). White outline: the true defect. <em>Best</em> / <em>worst</em> "
+        f"are picked by {esc(models[0]) if models else 'the first model'}'s scores: the highest-scored "
+        "defective and lowest-scored good image, and the lowest-scored defective and highest-scored good "
+        "image (where errors happen first). <em>Recurring defect</em>: a test image that was also planted "
+        "in the training set (overlap), the one the last model scores lowest against its threshold.</p>"
+    )
+    if results.get("colourbar"):
+        parts.append(
+            f"<p>low <img src='{_rel(results['colourbar'], base)}' alt='colour scale' "
+            "style='width:256px;height:12px;vertical-align:middle'> high</p>"
+        )
+    for cat in results["categories"]:
+        cases = cat.get("cases")
+        if not cases:
+            continue
+        head = "<tr><th class='l'>model</th>"
+        for case in cases:
+            truth = "defect" if case["label"] else "good"
+            label = f"<b>{esc(case['kind'])}</b><br>{esc(case['name'])} ({esc(truth)})"
+            if case.get("recurring"):
+                label += "<br><span class='muted'>also planted in training</span>"
+            head += f"<th class='l'>{label}</th>"
+        rows = [head + "</tr>"]
+        for m in models:  # one row per model, one column per test image
+            cells = []
+            for case in cases:
+                shown = case.get("models", {}).get(m)
+                if shown is None:
+                    cells.append("<td></td>")
+                    continue
+                verdict_ok = bool(shown["predicted_anomalous"]) == bool(case["label"])
+                verdict = (f"<span class='{'ok' if verdict_ok else 'bad'}'>"
+                           f"{'anomalous' if shown['predicted_anomalous'] else 'normal'}</span>")
+                cells.append(
+                    f"<td class='l'><div class='card'><img src='{_rel(shown['overlay'], base)}' "
+                    f"alt='{esc(m)}: {esc(case['name'])}'><br>score {shown['score']:.3g} "
+                    f"(threshold {shown['threshold']:.3g}) &rarr; {verdict}</div></td>"
+                )
+            rows.append(f"<tr><th class='l'>{esc(m)}</th>{''.join(cells)}</tr>")
+        parts.append(f"<h3>{esc(cat['category'])}</h3><table class='maps'>{''.join(rows)}</table>")
+
     # --- contamination: flagged training images
     parts.append("<h2>Contaminated training images found</h2>")
     parts.append(
@@ -127,49 +174,6 @@ def demo_report_html(results: dict, out_dir: str | os.PathLike) -> str:
                 f"<div class='card'>{img}<br>{esc(item['name'])}<br>score {item['score']:.3g} &mdash; {verdict}</div>"
             )
         parts.append(f"<div class='grid'>{''.join(cards)}</div>")
-
-    # --- heatmaps: the same test images under every model
-    parts.append("<h2>Anomaly maps: the same test images under every model</h2>")
-    parts.append(
-        "<p>Anomaly map overlays of a few test images, one column per model (colour: blue = normal, "
-        "red = anomalous; each model's colour scale is centred on its own decision threshold, the same "
-        "for all images of a category). White outline: the true defect. <em>Best</em> / <em>worst</em> "
-        f"are picked by {esc(models[0]) if models else 'the first model'}'s scores: the highest-scored "
-        "defective and lowest-scored good image, and the lowest-scored defective and highest-scored good "
-        "image (where errors happen first). <em>Recurring defect</em>: a test image that was also planted "
-        "in the training set (overlap), the one the last model scores lowest against its threshold.</p>"
-    )
-    if results.get("colourbar"):
-        parts.append(
-            f"<p>low <img src='{_rel(results['colourbar'], base)}' alt='colour scale' "
-            "style='width:256px;height:12px;vertical-align:middle'> high</p>"
-        )
-    for cat in results["categories"]:
-        if not cat.get("cases"):
-            continue
-        rows = []
-        for case in cat["cases"]:
-            truth = "defect" if case["label"] else "good"
-            cells = []
-            for m in models:
-                shown = case.get("models", {}).get(m)
-                if shown is None:
-                    cells.append("<td></td>")
-                    continue
-                verdict_ok = bool(shown["predicted_anomalous"]) == bool(case["label"])
-                verdict = (f"<span class='{'ok' if verdict_ok else 'bad'}'>"
-                           f"{'anomalous' if shown['predicted_anomalous'] else 'normal'}</span>")
-                cells.append(
-                    f"<td class='l'><div class='card'><img src='{_rel(shown['overlay'], base)}' "
-                    f"alt='{esc(m)}: {esc(case['name'])}'><br>score {shown['score']:.3g} "
-                    f"(threshold {shown['threshold']:.3g}) &rarr; {verdict}</div></td>"
-                )
-            label = f"<b>{esc(case['kind'])}</b><br>{esc(case['name'])} ({esc(truth)})"
-            if case.get("recurring"):
-                label += "<br><span class='muted'>also planted in training</span>"
-            rows.append(f"<tr><td class='l'>{label}</td>{''.join(cells)}</tr>")
-        head = "<tr><th class='l'>test image</th>" + "".join(f"<th>{esc(m)}</th>" for m in models) + "</tr>"
-        parts.append(f"<h3>{esc(cat['category'])}</h3><table>{head}{''.join(rows)}</table>")
 
     footer = results.get("footer")
     if footer:

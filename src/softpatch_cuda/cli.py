@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="CSV", help="training report CSV (default: <model>_training_report.csv)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="suspects printed (default 10)")
     p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
-                   help="read the images in sub-folders of DATA folders too (default; --no-recursive: not)")
+                   help="read the images in sub-folders of DATA folders too (default; --no-recursive: only "
+                        "their own files)")
     _add_model_options(p)
     g = p.add_argument_group("at scale")
     _add_ray_options(g, "the shards run on Ray actors")
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone weights file, when the path stored in the model is not valid here")
     p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
                    help="read the images in sub-folders too, e.g. MVTec's test/<defect>/ (default; "
-                        "--no-recursive: not)")
+                        "--no-recursive: only the folders' own files)")
     g = p.add_argument_group("at scale")
     _add_ray_options(g, "score with Ray Data; the same outputs")
     g.add_argument("--graph", metavar="FILE",

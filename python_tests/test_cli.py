@@ -345,6 +345,24 @@ def test_demo_runs_the_overlap_protocol_by_default():
     assert cli.build_parser().parse_args(["demo", "--no-overlap"]).overlap is False
 
 
+def test_demo_no_overlap_says_so(tmp_path):
+    pytest.importorskip("softpatch_cuda.demo")
+    from softpatch_cuda.demo import DEMO_CATEGORIES
+
+    out = tmp_path / "demo"
+    argv = ["-q", "demo", "--out", str(out), "--categories", DEMO_CATEGORIES[0], "--noise", "0.34", "--no-overlap",
+            "--no-pretrained", "--backbone", "resnet18", "--layers", "layer2,layer3", "--image-size", "32",
+            "--n-train", "6", "--n-test-good", "2", "--n-test-defect", "3", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    html = (out / "report.html").read_text()
+    assert data["protocol"] == "no-overlap" and "(no-overlap)" in html and "No-overlap protocol" in html
+    (cat,) = data["categories"]
+    assert cat["noise_record"]["overlap"] is False
+    assert all(d["recurring"] == 0 and d["defects"] == 1 for d in cat["decisions"].values())
+    assert "recurring defect" not in {case["kind"] for case in cat["cases"]}
+
+
 def test_demo_rejects_too_much_noise(tmp_path, capsys):
     pytest.importorskip("softpatch_cuda.demo")
     argv = ["demo", "--out", str(tmp_path / "d"), "--noise", "0.5", "--n-train", "10", "--n-test-defect", "4"]

@@ -1,4 +1,6 @@
-"""Library exceptions shared by the API, the demo and the command line."""
+"""Library exceptions shared by the API, the demo and the command line, the install hints
+of the optional extras, and the one-line message of a checkout whose compiled module is
+missing. Imports nothing of the package (the package's ``__init__`` uses it)."""
 
 
 class UsageError(ValueError):

@@ -182,3 +182,24 @@ def test_paper_preset_backbone_takes_a_torchvision_weights_file(tmp_path):
                           weights=tmp_path / "wrn50_tv.pth")
     assert fe.layers == ["layer2", "layer3"] and fe.channels == [512, 1024] and fe.weights_source == "file"
     torch.testing.assert_close(fe.model.state_dict()["layer3.0.conv1.weight"], tv.state_dict()["layer3.0.conv1.weight"])
+
+
+def test_paper_preset_layers_follow_another_backbone():
+    """Issue 17, item 13: SoftPatchPlus(preset="paper", backbone="efficientnet_lite0") (the
+    README's example) kept WRN-50-2's layer2 + layer3 and failed at fit. Another backbone
+    gets its paper-equivalent layers: its last stages at strides 8 and 16 (the papers'
+    layer2 + layer3 are WRN-50-2's), for lite0 blocks.2 + blocks.4; explicit layers win."""
+    from softpatch_cuda import PatchCore, SoftPatch, SoftPatchPlus
+
+    rng = np.random.default_rng(0)
+    model = SoftPatchPlus(preset="paper", backbone="efficientnet_lite0", resize=64, crop=64, device="cpu")
+    assert model.settings.layers is None and model.settings.embed_dim == 1024  # the rest of the preset stays
+    model.fit([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(8)])
+    extractor = model.embedder.extractor
+    assert extractor.layers == list(BACKBONE_DEFAULTS["efficientnet_lite0"].layers) == ["blocks.2", "blocks.4"]
+    assert extractor.strides == [8, 16]
+    assert np.isfinite(model.predict([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)]).scores).all()
+    # the preset's own architecture (any tag) keeps its layers; explicit layers are kept
+    assert SoftPatch(preset="paper", backbone="wide_resnet50_2").settings.layers == ("layer2", "layer3")
+    assert PatchCore(preset="paper").settings.layers == ("layer2", "layer3")
+    assert SoftPatch(preset="paper", backbone="resnet18", layers=["layer1"]).settings.layers == ("layer1",)

@@ -242,6 +242,23 @@ def test_fit_predict_end_to_end(tiny, tmp_path, capsys):
     assert captured.err.strip() == ""
 
 
+def test_predict_on_an_mvtec_test_folder_reads_its_sub_folders(tiny, tmp_path, capsys):
+    """MVTec's test/ holds only sub-folders: predict reads them (no -r needed); --no-recursive
+    says what to do instead of a bare 'no images'."""
+    model = tmp_path / "widget.softpatch"
+    assert cli.main(["-q", "fit", str(tiny / "widget" / "train"), "--out", str(model), "--model", "patchcore",
+                     *TINY_MODEL]) == 0
+    test_dir = tiny / "widget" / "test"
+    out = tmp_path / "pred"
+    assert cli.main(["-q", "predict", str(model), str(test_dir), "--out", str(out), "--no-overlays"]) == 0
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["name"] for r in rows] == [f"{d}/{i:03d}.png" for d in ("good", "spot") for i in range(3)]
+    capsys.readouterr()
+    assert cli.main(["-q", "predict", str(model), str(test_dir), "--out", str(out), "--no-recursive"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "no images in folder" in line and "sub-folders were not searched" in line and "--no-recursive" in line
+
+
 @pytest.mark.slow
 def test_evaluate_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"
@@ -287,10 +304,21 @@ def test_demo_tiny(tmp_path, capsys):
         assert set(c["metrics"]) == {"SoftPatch+", "PatchCore"}
         assert c["flag_summary"]["planted"] == 2 and len(c["noise_record"]["added"]) == 2
         assert c["flag_summary"]["n_train"] == 8
-        assert {case["kind"] for case in c["cases"]} == {"best defect", "best good", "worst defect", "worst good"}
+        # overlap (the default): the planted images stay in the test set, one of them is shown
+        assert c["noise_record"]["overlap"] is True
+        assert {case["kind"] for case in c["cases"]} == {"best defect", "best good", "worst defect", "worst good",
+                                                          "recurring defect"}
+        for case in c["cases"]:  # a heatmap per model
+            assert set(case["models"]) == {"SoftPatch+", "PatchCore"}
+            assert len({case["models"][m]["overlay"] for m in case["models"]}) == 2
+        for name, d in c["decisions"].items():
+            assert d["recurring"] == 2 and d["defects"] == 3 and 0 <= d["caught"] <= 3
+            assert f"<td>{d['threshold']:.4g}</td><td>{d['caught']} of 3</td>" in html
         for item in c["flagged"]:
             assert item["planted"] == (item["source"] in c["noise_record"]["added"])
     assert set(data["mean"]) == {"SoftPatch+", "PatchCore"}
+    assert data["protocol"] == "overlap" and "(overlap)" in html and "Overlap protocol" in html
+    assert "defects caught at the threshold: SoftPatch+ " in stdout
     assert (out / "data" / demo_app.DEMO_MARKER).is_file() and (out / "images" / demo_app.DEMO_MARKER).is_file()
 
 
@@ -306,6 +334,33 @@ def test_demo_folder_is_rebuilt_only_when_ours(tmp_path):
     with pytest.raises(cli.UsageError, match="not a demo dataset folder written by"):
         demo_app._prepare_demo_folder(foreign)
     assert (foreign / "mine.txt").is_file()
+
+
+def test_demo_runs_the_overlap_protocol_by_default():
+    """Issue 17, item 11: the demo shows the case the package exists for (the defect recurs)."""
+    import inspect
+
+    assert inspect.signature(demo_app.run_demo).parameters["overlap"].default is True
+    assert cli.build_parser().parse_args(["demo"]).overlap is True
+    assert cli.build_parser().parse_args(["demo", "--no-overlap"]).overlap is False
+
+
+def test_demo_no_overlap_says_so(tmp_path):
+    pytest.importorskip("softpatch_cuda.demo")
+    from softpatch_cuda.demo import DEMO_CATEGORIES
+
+    out = tmp_path / "demo"
+    argv = ["-q", "demo", "--out", str(out), "--categories", DEMO_CATEGORIES[0], "--noise", "0.34", "--no-overlap",
+            "--no-pretrained", "--backbone", "resnet18", "--layers", "layer2,layer3", "--image-size", "32",
+            "--n-train", "6", "--n-test-good", "2", "--n-test-defect", "3", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    html = (out / "report.html").read_text()
+    assert data["protocol"] == "no-overlap" and "(no-overlap)" in html and "No-overlap protocol" in html
+    (cat,) = data["categories"]
+    assert cat["noise_record"]["overlap"] is False
+    assert all(d["recurring"] == 0 and d["defects"] == 1 for d in cat["decisions"].values())
+    assert "recurring defect" not in {case["kind"] for case in cat["cases"]}
 
 
 def test_demo_rejects_too_much_noise(tmp_path, capsys):

@@ -90,7 +90,7 @@ def test_list_images(tmp_path, picture):
     (tmp_path / "sub").mkdir()
     for name in ("b.PNG", "a.jpg", "sub/c.bmp"):
         Image.fromarray(picture).save(tmp_path / name)
-    assert [p.split("/")[-1] for p in list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert [p.split("/")[-1] for p in list_images(tmp_path, recursive=False)] == ["a.jpg", "b.PNG"]
     assert [p.split("/")[-1] for p in list_images(tmp_path, recursive=True)] == ["a.jpg", "b.PNG", "c.bmp"]
 
 

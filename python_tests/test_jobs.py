@@ -100,3 +100,96 @@ def test_a_chunk_with_an_unreadable_image(model, images, tmp_path):
 
 def test_overlay_names_are_unique_and_in_row_order():
     assert overlay_names(["a.png", "b.jpg", "sub/a.png", "a.png"]) == ["a.png", "b.png", "sub_a.png", "a_2.png"]
+
+
+# ------------------------------------------------------------------ MVTec layout (issue 17, item 10)
+def test_predict_reads_the_sub_folders_of_an_mvtec_test_folder(model, tmp_path):
+    """MVTec's test/ holds only sub-folders (good/, crack/, ...): a folder is read with its
+    sub-folders, by the API (model.predict) and by the command line's image collection."""
+    from builders import tiny_mvtec
+    from softpatch_cuda.jobs import collect_images
+
+    test = tiny_mvtec(tmp_path / "mvtec", categories=("widget",), n_good=2, n_bad=2) / "widget" / "test"
+    prediction = model.predict(str(test))
+    assert prediction.names == ["good/000.png", "good/001.png", "spot/000.png", "spot/001.png"]
+    assert len(prediction.scores) == 4
+    paths = collect_images([str(test)], True, "image path")
+    assert [p[len(str(test)) + 1:] for p in paths] == prediction.names
+    # the run's own output folder inside the inputs is not read back as inputs
+    (test / "results" / "overlays").mkdir(parents=True)
+    write_images(test / "results" / "overlays", object_set(1, 0, seed=1)[0])
+    (test / ".softpatch-predict-x").mkdir()  # a hidden folder (a run's staging folder)
+    write_images(test / ".softpatch-predict-x", object_set(1, 0, seed=1)[0])
+    assert collect_images([str(test)], True, "image path", exclude=test / "results") == paths
+    with pytest.raises(ValueError, match="sub-folders were not searched"):
+        collect_images([str(test)], False, "image path")
+
+
+# ------------------------------------------------------------------ outputs that cannot be turned against the user (item 14)
+def test_names_that_spreadsheets_run_as_formulas_are_escaped_in_the_csv(model, tmp_path):
+    import csv
+
+    names = ["=HYPERLINK(x).png", "@SUM(1).png", "+1.png", "-2.png", "plain.png"]
+    src = tmp_path / "in"
+    src.mkdir()
+    arrays = object_set(len(names), 0, seed=2)[0]
+    for name, a in zip(names, arrays):
+        __import__("PIL.Image").Image.fromarray(a).save(src / name)
+    result = predict_to_folder(model, [str(src / n) for n in names], tmp_path / "out", overlays=False)
+    cells = [r["name"] for r in csv.DictReader(result.csv_path.open())]
+    assert cells == ["'=HYPERLINK(x).png", "'@SUM(1).png", "'+1.png", "'-2.png", "plain.png"]
+    # the JSON keeps the real names (a program reads it, not a spreadsheet)
+    assert [r["name"] for r in json.loads(result.json_path.read_text())["predictions"]] == names
+
+
+def test_the_training_report_is_not_written_through_a_planted_symlink(model, tmp_path):
+    """A predictable temporary name (.NAME.tmp-PID) let anyone with write access to the folder
+    plant a symlink that the report's write followed onto another file."""
+    import os
+
+    from softpatch_cuda.jobs import fit_to_file
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "models"
+    out.mkdir()
+    for name in ("m_training_report.csv", "m.softpatch"):
+        os.symlink(victim, out / f".{name}.tmp-{os.getpid()}")  # the names 0.2 used
+    fit_to_file(model, [], out / "m.softpatch", out / "m_training_report.csv", fit=lambda m, paths: m)
+    assert victim.read_text() == "keep me"
+    assert (out / "m_training_report.csv").is_file() and not (out / "m_training_report.csv").is_symlink()
+    assert "contamination_score" in (out / "m_training_report.csv").read_text()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]  # nothing left behind
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(model, images, tmp_path):
+    import subprocess
+    import sys
+
+    from softpatch_cuda.jobs import STAGING_PREFIX
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # a run killed mid-way: its staging folder (with a partial overlay) stays, its lock is released
+    code = ("import os, sys; from pathlib import Path; from softpatch_cuda.jobs import staging_folder; "
+            "s = staging_folder(Path(sys.argv[1])); (s / 'overlays').mkdir(); (s / 'overlays' / 'x.png').write_text('x'); "
+            "os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", code, str(out)], timeout=120).returncode == 9
+    # an older version's staging folder (no lock), untouched for two hours
+    old = out / f"{STAGING_PREFIX}old"
+    old.mkdir()
+    os_times = __import__("time").time() - 7200
+    __import__("os").utime(old, (os_times, os_times))
+    assert len(list(out.glob(STAGING_PREFIX + "*"))) == 2
+    # a run still going (its lock held): left alone
+    import fcntl
+
+    live = out / f"{STAGING_PREFIX}live"
+    live.mkdir()
+    with open(live / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        predict_to_folder(model, images[:1], out, overlays=False)
+        assert list(out.glob(STAGING_PREFIX + "*")) == [live]
+    # and its own staging folder is gone too
+    predict_to_folder(model, images[:1], out, overlays=False)
+    assert not list(out.glob(STAGING_PREFIX + "*"))

@@ -30,3 +30,25 @@ def test_version_has_one_source():
     assert softpatch_cuda.__version__ == __version__
     # the compiled module gets the same version from the build (pyproject reads _version.py)
     assert _core.build_info()["version"] == __version__
+
+
+def test_install_hints_name_commands_that_work():
+    """softpatch_cuda is not on PyPI: 'pip install "softpatch-cuda[export]"' cannot work
+    (issue 17, item 13). The hints name the extras' packages, as pyproject.toml lists them."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from softpatch_cuda.errors import EXTRAS, install_hint
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    for name, packages in EXTRAS.items():
+        assert list(packages) == extras[name], name
+        hint = install_hint(name)
+        assert "softpatch-cuda[" not in hint and "softpatch_cuda[" not in hint
+        assert hint.startswith("pip install " + " ".join(f'"{p}"' for p in packages))
+        assert f'pip install ".[{name}]"' in hint
+    source = Path(__file__).resolve().parents[1] / "src" / "softpatch_cuda"
+    offenders = [str(p) for p in source.rglob("*.py") if "softpatch-cuda[" in p.read_text()]
+    assert not offenders, offenders

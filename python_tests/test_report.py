@@ -120,6 +120,14 @@ def test_write_csv(tmp_path):
                    {"name": "b.png", "score": "2", "ok": "false", "x": "3"}]
 
 
+def test_write_csv_escapes_text_a_spreadsheet_would_run(tmp_path):
+    """CSV (formula) injection: text starting with = + - @ (or tab / CR) gets a leading quote."""
+    rows = [{"name": n, "score": -1.5} for n in ("=1+1", "+x", "-x", "@x", "\tx", "a=b", "x-")]
+    got = list(csv.DictReader(report.write_csv(tmp_path / "r.csv", rows).open()))
+    assert [r["name"] for r in got] == ["'=1+1", "'+x", "'-x", "'@x", "'\tx", "a=b", "x-"]
+    assert {r["score"] for r in got} == {"-1.5"}  # numbers stay numbers
+
+
 def test_training_report_rows_sorted_and_formatted():
     rep = TrainingReport(["a.png", "b.png", "c.png"], ["/d/a.png", "/d/b.png", "/d/c.png"], np.array([1.0, 3.0, 2.0]),
                          np.array([False, True, True]), 1.5)
@@ -145,6 +153,7 @@ def test_training_report_rows_sorted_and_formatted():
 # ------------------------------------------------------------------ demo HTML
 def _fake_results(tmp_path: Path) -> dict:
     pic = report.save_png(tmp_path / "images" / "cat" / "case.png", np.zeros((4, 4, 3), np.uint8))
+    pic2 = report.save_png(tmp_path / "images" / "cat" / "case_1.png", np.zeros((4, 4, 3), np.uint8))
     bar = report.save_png(tmp_path / "images" / "colourbar.png", report.colourbar())
     metrics = {"SoftPatch+": {"image_auroc": 0.95, "pixel_auroc": 0.9}, "PatchCore": {"image_auroc": 0.7, "pixel_auroc": None}}
     return {
@@ -159,9 +168,20 @@ def _fake_results(tmp_path: Path) -> dict:
             "flag_summary": {"n_train": 10, "planted": 2, "flagged": 2, "flagged_planted": 1, "contamination_auroc": 0.875},
             "flagged": [{"name": "x.png", "score": 2.5, "planted": True, "thumbnail": str(pic)},
                         {"name": "y.png", "score": 2.0, "planted": False, "thumbnail": None}],
-            "cases": [{"kind": "best defect", "name": "hole/000.png", "label": 1, "score": 3.0,
-                       "predicted_anomalous": True, "overlay": str(pic)}],
+            "decisions": {"SoftPatch+": {"threshold": 2.25, "defects": 8, "caught": 7, "recurring": 2,
+                                         "recurring_caught": 2, "good": 10, "false_alarms": 1},
+                          "PatchCore": {"threshold": 1.75, "defects": 8, "caught": 3, "recurring": 2,
+                                        "recurring_caught": 0, "good": 10, "false_alarms": 0}},
+            "cases": [{"kind": "recurring defect", "name": "hole/000.png", "label": 1, "recurring": True,
+                       "models": {"SoftPatch+": {"score": 3.0, "threshold": 2.25, "predicted_anomalous": True,
+                                                 "overlay": str(pic)},
+                                  "PatchCore": {"score": 1.5, "threshold": 1.75, "predicted_anomalous": False,
+                                                "overlay": str(pic2)}}}],
         }],
+        "decisions_total": {"SoftPatch+": {"defects": 8, "caught": 7, "recurring": 2, "recurring_caught": 2,
+                                           "good": 10, "false_alarms": 1},
+                            "PatchCore": {"defects": 8, "caught": 3, "recurring": 2, "recurring_caught": 0,
+                                          "good": 10, "false_alarms": 0}},
         "mean": {"SoftPatch+": {"image_auroc": 0.95, "pixel_auroc": 0.9}, "PatchCore": {"image_auroc": 0.7, "pixel_auroc": None}},
     }
 
@@ -180,3 +200,17 @@ def test_demo_report_html_is_self_contained_with_relative_links(tmp_path):
     assert "planted defect" in text and "normal image" in text
     assert "<tr class='mean'>" in text
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
+
+
+def test_demo_report_shows_each_models_threshold_catches_and_heatmaps(tmp_path):
+    """Issue 17, item 12: the decision threshold and how many defects each model catches at
+    it, and a heatmap of every shown test image under every model."""
+    text = demo_html.demo_report_html(_fake_results(tmp_path), tmp_path)
+    assert "Decisions at the threshold" in text
+    assert "<td>2.25</td><td>7 of 8</td><td>2 of 2</td><td>1 of 10</td>" in text  # SoftPatch+
+    assert "<td>1.75</td><td>3 of 8</td><td>0 of 2</td><td>0 of 10</td>" in text  # PatchCore
+    assert "<td>per category</td><td>7 of 8</td>" in text  # the totals row
+    heatmaps = text[text.index("Anomaly maps"):]
+    assert "src='images/cat/case.png' alt='SoftPatch+: hole/000.png'" in heatmaps
+    assert "src='images/cat/case_1.png' alt='PatchCore: hole/000.png'" in heatmaps
+    assert "score 1.5 (threshold 1.75)" in heatmaps and "also planted in training" in heatmaps

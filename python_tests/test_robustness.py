@@ -284,5 +284,29 @@ def test_a_package_without_its_compiled_module_says_so(tmp_path, monkeypatch):
     src = Path(softpatch_cuda.__file__).parent
     shutil.copytree(src, tmp_path / "unbuilt_softpatch", ignore=shutil.ignore_patterns("_core*", "__pycache__"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ImportError, match="compiled module _core is missing.*pip install"):
+    with pytest.raises(ImportError, match="compiled module _core is missing.*never built.*pip install") as info:
         importlib.import_module("unbuilt_softpatch")
+    # one message, not chained onto Python's misleading "partially initialized ... circular import"
+    assert "circular" not in str(info.value) and info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_running_an_unbuilt_checkout_prints_the_helpful_line_alone(tmp_path):
+    """``python -m softpatch_cuda`` inside an unbuilt source tree (issue 17, item 13): one line
+    'softpatch: error: ...' and exit code 2, no tracebacks."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import softpatch_cuda
+
+    src = Path(softpatch_cuda.__file__).parent
+    shutil.copytree(src, tmp_path / "unbuilt_softpatch", ignore=shutil.ignore_patterns("_core*", "__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "unbuilt_softpatch", "fit", "x"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("softpatch: error: unbuilt_softpatch's compiled module _core is "
+                                                   "missing"), proc.stderr
+    assert "Traceback" not in proc.stderr and "circular" not in proc.stderr

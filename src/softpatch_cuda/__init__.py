@@ -9,9 +9,10 @@ from __future__ import annotations
 
 try:
     from . import _core
-except ImportError as exc:  # a checkout that was never built
-    raise ImportError(f"softpatch_cuda's compiled module _core is missing ({exc}): install the package "
-                      "(pip install .) or build it in place (README, 'Building from source')") from exc
+except ImportError as exc:  # a checkout that was never built: one line, no chained tracebacks
+    from .errors import missing_core
+
+    missing_core(__name__, __path__[0], exc)
 from ._core import CudaError
 from ._version import __version__
 

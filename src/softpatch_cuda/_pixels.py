@@ -69,19 +69,31 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
-    """Sorted image files in `folder` (extensions: IMAGE_EXTENSIONS, any case)."""
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every entry below ``folder``; hidden folders (.git, a run's staging folder) are skipped
+    and symlinked folders not followed."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in dirs + files:
+            yield Path(root) / name
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Sorted image files in `folder` and (``recursive``, the default) its sub-folders, as
+    MVTec's test/<defect>/ layout has them (extensions: IMAGE_EXTENSIONS, any case; hidden
+    files and folders skipped). ``recursive=False``: the folder's own files only."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"image folder not found: {folder}")
     if not folder.is_dir():
         raise ValueError(f"not a folder: {folder}")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    candidates = _walk(folder) if recursive else folder.iterdir()
     files = sorted(str(p) for p in candidates if _is_image_file(p))
     if not files:
+        where = ("its sub-folders searched too" if recursive else
+                 "its sub-folders were not searched: leave out --no-recursive / pass recursive=True")
         raise ValueError(
-            f"no images in folder {folder}{' (searched recursively)' if recursive else ''}; "
-            f"looked for files ending in {', '.join(IMAGE_EXTENSIONS)}"
+            f"no images in folder {folder} ({where}); looked for files ending in {', '.join(IMAGE_EXTENSIONS)}"
         )
     return files
 
@@ -238,7 +250,7 @@ def _single_array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
 
 
 def image_paths(path: str | os.PathLike) -> list[str]:
-    """The images of a folder (sorted), or the one file a path names."""
+    """The images of a folder and its sub-folders (sorted), or the one file a path names."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image path not found: {path}")
@@ -250,8 +262,11 @@ def image_items(images: Any) -> Iterator[tuple[Any, str, str | None]]:
     or uint8 / uint16 / float arrays (one image, or [N, ...]); paths are loaded later.
     (:func:`softpatch_cuda.data.images.iter_batches` adds torch tensors and DataLoaders.)"""
     if isinstance(images, (str, os.PathLike)):
+        folder = images if Path(images).is_dir() else None
         for p in image_paths(images):
-            yield p, os.path.basename(p), p
+            # a folder's image is named by its path below the folder (test/crack/000.png: "crack/000.png")
+            name = os.path.basename(p) if folder is None else Path(os.path.relpath(p, folder)).as_posix()
+            yield p, name, p
         return
     if isinstance(images, Image.Image):
         yield images, "image_0", None

@@ -113,8 +113,9 @@ examples:
 DEMO_EPILOG = """\
 Needs no data and no network: generates a small MVTec-style dataset (textures and rendered
 objects with synthetic defects) in DIR/data, plants --noise x |train| defective images in each
-training set, fits SoftPatch+ and PatchCore per category and writes DIR/report.html (open it in
-a browser) with DIR/results.json and the pictures.
+training set (they also stay in the test set: the defect recurs, unless --no-overlap), fits
+SoftPatch+ and PatchCore per category and writes DIR/report.html (open it in a browser) with
+DIR/results.json and the pictures.
 
 examples:
   softpatch demo
@@ -273,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, metavar="MODEL", help="where to save the model (e.g. model.softpatch)")
     p.add_argument("--report", metavar="CSV", help="training report CSV (default: <model>_training_report.csv)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="suspects printed (default 10)")
-    p.add_argument("-r", "--recursive", action="store_true", help="also read images in sub-folders of DATA folders")
+    p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the images in sub-folders of DATA folders too (default; --no-recursive: only "
+                        "their own files)")
     _add_model_options(p)
     g = p.add_argument_group("at scale")
     _add_ray_options(g, "the shards run on Ray actors")
@@ -298,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the reason)")
     p.add_argument("--weights", metavar="FILE",
                    help="backbone weights file, when the path stored in the model is not valid here")
-    p.add_argument("-r", "--recursive", action="store_true", help="also read images in sub-folders")
+    p.add_argument("-r", "--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the images in sub-folders too, e.g. MVTec's test/<defect>/ (default; "
+                        "--no-recursive: only the folders' own files)")
     g = p.add_argument_group("at scale")
     _add_ray_options(g, "score with Ray Data; the same outputs")
     g.add_argument("--graph", metavar="FILE",
@@ -344,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo categories (repeatable or comma list; default: all)")
     p.add_argument("--noise", type=_fraction, default=0.2, metavar="R", help="training contamination ratio (default 0.2)")
     p.add_argument("--quick", action="store_true", help="fewer and smaller images (about 4x faster, rougher numbers)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="remove the planted images from the test set (default: they stay, the defect recurs)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the noise draw (default 0)")
     # Undocumented knobs for tests and experiments.
@@ -571,7 +578,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not Path(args.graph).expanduser().is_file():
             raise FileNotFoundError(f"graph file not found: {args.graph}")
     out = check_writable_dir(args.out, "--out")
-    paths = collect_images(args.images, args.recursive, "image path")
+    paths = collect_images(args.images, args.recursive, "image path", exclude=out)
     source = ModelSource(path=str(model_path.resolve()), graph=None if args.graph is None else
                          str(Path(args.graph).expanduser().resolve()),
                          device="cpu" if args.graph is not None else _check_device(args.device),
@@ -711,7 +718,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     results = run_demo(
-        args.out, categories=_split_list(args.categories), noise=args.noise, quick=args.quick,
+        args.out, categories=_split_list(args.categories), noise=args.noise, quick=args.quick, overlap=args.overlap,
         device=_check_device(args.device), seed=args.seed, pretrained=not args.no_pretrained, backbone=args.backbone,
         layers=_split_list(args.layers), sizes=sizes, progress=_progress(args),
         log=(lambda s: None) if args.quiet else _print_above_bars, threads=args.threads,
@@ -719,6 +726,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names = results["models"]
     print("mean AUROC (image / pixel, %): " + "; ".join(
         f"{n} {format_pct(results['mean'][n]['image_auroc'])} / {format_pct(results['mean'][n]['pixel_auroc'])}" for n in names))
+    print("defects caught at the threshold: " + "; ".join(
+        f"{n} {t['caught']} of {t['defects']}" + (f" ({t['recurring_caught']} of {t['recurring']} recurring)"
+                                                  if t["recurring"] else "") + f", {t['false_alarms']} false alarms"
+        for n in names for t in [results["decisions_total"][n]]))
     print(f"Demo finished in {results['elapsed_s']:.0f} s. Report: {Path(results['report']).resolve()}")
     return 0
 

@@ -28,6 +28,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: staging folders are not locked (stale ones go by age)
+    fcntl = None
+
 from ._pixels import IMAGE_EXTENSIONS, list_images, load_image  # torch-free: the ONNX predictor uses these jobs
 from .report import overlay, save_png, write_csv, write_json
 from .results import distinct_names
@@ -79,16 +84,22 @@ def _replace(src: Path, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------ inputs
-def collect_images(inputs: Sequence[str], recursive: bool, what: str) -> list[str]:
-    """Image files from files and folders, in order; clear errors for missing paths,
-    non-images and empty folders."""
+def collect_images(inputs: Sequence[str], recursive: bool, what: str,
+                   exclude: str | os.PathLike | None = None) -> list[str]:
+    """Image files from files and folders (with ``recursive``, their sub-folders too), in
+    order; clear errors for missing paths, non-images and empty folders. Images a folder
+    holds below ``exclude`` (the run's own output folder) are left out."""
     paths: list[str] = []
+    skip = None if exclude is None else Path(exclude).expanduser().resolve()
     for item in inputs:
         p = Path(item).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"{what} not found: {item}")
         if p.is_dir():
-            paths.extend(list_images(p, recursive=recursive))
+            found = list_images(p, recursive=recursive)
+            if skip is not None:
+                found = [f for f in found if skip not in Path(f).resolve().parents]
+            paths.extend(found)
         elif p.suffix.lower() in IMAGE_EXTENSIONS:
             paths.append(str(p))
         else:
@@ -307,9 +318,58 @@ def overlay_names(names: Sequence[str]) -> list[str]:
     return [f"{_unique_stem(name.replace('/', '_'), used)}.png" for name in names]
 
 
+STAGING_PREFIX = ".softpatch-predict-"
+STAGING_LOCK = ".lock"  # held (flock) by the run that writes into the staging folder
+_STAGING_LOCKS: dict[Path, Any] = {}
+
+
 def staging_folder(out: Path) -> Path:
-    """A fresh hidden folder under ``out`` where a run writes its outputs before committing them."""
-    return Path(tempfile.mkdtemp(prefix=".softpatch-predict-", dir=out))
+    """A fresh hidden folder under ``out`` where a run writes its outputs before committing
+    them, locked while the run lives; the staging folders of runs that died (killed before
+    their clean-up) are removed first."""
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    if fcntl is not None:
+        handle = open(staging / STAGING_LOCK, "w")  # noqa: SIM115 -- held until remove_staging
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _STAGING_LOCKS[staging] = handle
+    return staging
+
+
+def remove_staging(staging: Path) -> None:
+    """Delete a run's staging folder and release its lock."""
+    shutil.rmtree(staging, ignore_errors=True)
+    handle = _STAGING_LOCKS.pop(staging, None)
+    if handle is not None:
+        handle.close()
+
+
+def remove_stale_staging(out: Path, unlocked_age_s: float = 3600.0) -> list[Path]:
+    """Remove the staging folders under ``out`` whose run is gone: their lock is free (the
+    process that held it has ended), or, without a lock (older versions; systems without
+    flock), untouched for ``unlocked_age_s``. Folders of live runs are left alone."""
+    removed = []
+    for folder in Path(out).glob(STAGING_PREFIX + "*"):
+        if folder.is_symlink() or not folder.is_dir() or not _run_is_gone(folder, unlocked_age_s):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _run_is_gone(folder: Path, unlocked_age_s: float) -> bool:
+    lock = folder / STAGING_LOCK
+    try:
+        if fcntl is None or not lock.is_file() or lock.is_symlink():
+            return time.time() - folder.stat().st_mtime > unlocked_age_s
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a live run holds it
+            return True
+    except OSError:
+        return False
 
 
 def commit_predictions(out: Path, staging: Path, rows: list[dict], header: dict) -> None:
@@ -373,7 +433,7 @@ def predict_to_folder(source: Any, paths: Sequence[str], out: str | os.PathLike,
                   "colour_range": list(first.colour_range)}
         commit_predictions(out, staging, rows, header)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
     return PredictResult(rows, out / "predictions.csv", out / "predictions.json",
                          out / "overlays" if overlays else None, first.threshold)
 

@@ -182,7 +182,8 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
-    """CSV with a header; columns default to the keys of the first row (in order)."""
+    """CSV with a header; columns default to the keys of the first row (in order). Text
+    that a spreadsheet would run as a formula is escaped (:func:`csv_text`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if columns is None:
@@ -195,9 +196,23 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[s
     return path
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
+# (CSV / formula injection): an image named "=HYPERLINK(...).png" would run when the
+# predictions are opened. OWASP's advice: prefix such text with a single quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows as text: a leading ``'`` when it starts
+    with a formula character (FORMULA_STARTS); other text unchanged."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def _csv_value(v: Any) -> Any:
     if v is None:
         return ""
+    if isinstance(v, str):
+        return csv_text(v)
     if isinstance(v, (float, np.floating)):
         return f"{float(v):.6g}"
     if isinstance(v, (bool, np.bool_)):

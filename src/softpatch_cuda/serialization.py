@@ -74,14 +74,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
     """Write a file under a temporary name beside ``path`` (``write(tmp)``) and move it into
     place when complete: a crash or an error never leaves a half-written file, and the old
     one stays until then. The folder is created when missing."""
+    import tempfile  # noqa: PLC0415
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A fresh name, created exclusively (O_EXCL | O_NOFOLLOW): a predictable name could be
+    # a planted symlink that the write would follow onto another file.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files; the umask's mode, as any new file
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
     return path
 

@@ -21,6 +21,7 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}tr.mean td{font-weight:bold;back
 .bar.px{background:#e0883a}
 .grid{display:flex;flex-wrap:wrap;gap:.8em}.card{width:180px;font-size:.8em}
 .card img{width:180px;height:auto;image-rendering:auto;border:1px solid #bbb}
+table.maps .card,table.maps .card img{width:160px}table.maps th{font-size:.8em;font-weight:normal;vertical-align:top}
 .ok{color:#1a7f37}.bad{color:#c0392b}.muted{color:#777}
 code{background:#f3f3f3;padding:0 .2em}
 """
@@ -92,6 +93,53 @@ def demo_report_html(results: dict, out_dir: str | os.PathLike) -> str:
     )
     rows.append(f"<tr class='mean'><td class='l'>mean</td>{cells}</tr>")
     parts.append(f"<table>{head}{''.join(rows)}</table>")
+    _decisions_section(parts, results, models)
+
+    # --- heatmaps: the same test images under every model
+    parts.append("<h2>Anomaly maps: the same test images under every model</h2>")
+    parts.append(
+        "<p>Anomaly map overlays of a few test images, one row per model (colour: blue = normal, "
+        "red = anomalous; each model's colour scale is centred on its own decision threshold, the same "
+        "for all images of a category). White outline: the true defect. <em>Best</em> / <em>worst</em> "
+        f"are picked by {esc(models[0]) if models else 'the first model'}'s scores: the highest-scored "
+        "defective and lowest-scored good image, and the lowest-scored defective and highest-scored good "
+        "image (where errors happen first). <em>Recurring defect</em>: a test image that was also planted "
+        "in the training set (overlap), the one the last model scores lowest against its threshold.</p>"
+    )
+    if results.get("colourbar"):
+        parts.append(
+            f"<p>low <img src='{_rel(results['colourbar'], base)}' alt='colour scale' "
+            "style='width:256px;height:12px;vertical-align:middle'> high</p>"
+        )
+    for cat in results["categories"]:
+        cases = cat.get("cases")
+        if not cases:
+            continue
+        head = "<tr><th class='l'>model</th>"
+        for case in cases:
+            truth = "defect" if case["label"] else "good"
+            label = f"<b>{esc(case['kind'])}</b><br>{esc(case['name'])} ({esc(truth)})"
+            if case.get("recurring"):
+                label += "<br><span class='muted'>also planted in training</span>"
+            head += f"<th class='l'>{label}</th>"
+        rows = [head + "</tr>"]
+        for m in models:  # one row per model, one column per test image
+            cells = []
+            for case in cases:
+                shown = case.get("models", {}).get(m)
+                if shown is None:
+                    cells.append("<td></td>")
+                    continue
+                verdict_ok = bool(shown["predicted_anomalous"]) == bool(case["label"])
+                verdict = (f"<span class='{'ok' if verdict_ok else 'bad'}'>"
+                           f"{'anomalous' if shown['predicted_anomalous'] else 'normal'}</span>")
+                cells.append(
+                    f"<td class='l'><div class='card'><img src='{_rel(shown['overlay'], base)}' "
+                    f"alt='{esc(m)}: {esc(case['name'])}'><br>score {shown['score']:.3g} "
+                    f"(threshold {shown['threshold']:.3g}) &rarr; {verdict}</div></td>"
+                )
+            rows.append(f"<tr><th class='l'>{esc(m)}</th>{''.join(cells)}</tr>")
+        parts.append(f"<h3>{esc(cat['category'])}</h3><table class='maps'>{''.join(rows)}</table>")
 
     # --- contamination: flagged training images
     parts.append("<h2>Contaminated training images found</h2>")
@@ -127,40 +175,51 @@ def demo_report_html(results: dict, out_dir: str | os.PathLike) -> str:
             )
         parts.append(f"<div class='grid'>{''.join(cards)}</div>")
 
-    # --- heatmaps: best and worst cases
-    parts.append("<h2>Anomaly maps: best and worst test cases</h2>")
-    parts.append(
-        "<p>Anomaly map overlays of the first model above (colour: blue = normal, red = anomalous; "
-        "the colour scale is centred on the model's decision threshold, the same for all images "
-        "of a category). White outline: the true defect. <em>Best</em>: the highest-scored "
-        "defective image and the lowest-scored good image; <em>worst</em>: the lowest-scored "
-        "defective image and the highest-scored good image (where errors happen first).</p>"
-    )
-    if results.get("colourbar"):
-        parts.append(
-            f"<p>low <img src='{_rel(results['colourbar'], base)}' alt='colour scale' "
-            "style='width:256px;height:12px;vertical-align:middle'> high</p>"
-        )
-    for cat in results["categories"]:
-        if not cat.get("cases"):
-            continue
-        cards = []
-        for case in cat["cases"]:
-            truth = "defect" if case["label"] else "good"
-            verdict_ok = bool(case["predicted_anomalous"]) == bool(case["label"])
-            verdict = f"<span class='{'ok' if verdict_ok else 'bad'}'>{'anomalous' if case['predicted_anomalous'] else 'normal'}</span>"
-            cards.append(
-                f"<div class='card'><img src='{_rel(case['overlay'], base)}' alt='{esc(case['name'])}'><br>"
-                f"<b>{esc(case['kind'])}</b>: {esc(case['name'])} ({esc(truth)})<br>"
-                f"score {case['score']:.3g} &rarr; {verdict}</div>"
-            )
-        parts.append(f"<h3>{esc(cat['category'])}</h3><div class='grid'>{''.join(cards)}</div>")
-
     footer = results.get("footer")
     if footer:
         parts.append(f"<p class='muted'>{esc(footer)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _decisions_section(parts: list[str], results: dict, models: list[str]) -> None:
+    """What each model decides at its threshold: defects caught, recurring defects caught
+    (overlap), false alarms, per category and in total."""
+    if not any(cat.get("decisions") for cat in results["categories"]):
+        return
+    esc = html.escape
+    parts.append("<h2>Decisions at the threshold</h2>")
+    parts.append(
+        "<p>Each model calls a test image anomalous when its score is above the model's decision "
+        "threshold (set without labels at fit: median + 3&middot;1.4826&middot;MAD of the scores of "
+        "training images left out of the memory bank). <em>Caught</em>: defective test images called "
+        "anomalous; <em>recurring</em>: of those, the ones that were also planted in the training set; "
+        "<em>false alarms</em>: good test images called anomalous.</p>"
+    )
+    head = "<tr><th class='l' rowspan='2'>category</th>" + "".join(
+        f"<th colspan='4'>{esc(m)}</th>" for m in models
+    ) + "</tr><tr>" + "".join(
+        "<th>threshold</th><th>defects caught</th><th>recurring caught</th><th>false alarms</th>" for _ in models
+    ) + "</tr>"
+
+    def cells(d: dict | None, with_threshold: bool) -> str:
+        if not d:
+            return "<td></td>" * 4
+        recurring = f"{d['recurring_caught']} of {d['recurring']}" if d.get("recurring") else "&ndash;"
+        threshold = f"{d['threshold']:.4g}" if with_threshold else "per category"
+        return (f"<td>{threshold}</td><td>{d['caught']} of {d['defects']}</td><td>{recurring}</td>"
+                f"<td>{d['false_alarms']} of {d['good']}</td>")
+
+    rows = [
+        f"<tr><td class='l'>{esc(cat['category'])}</td>"
+        + "".join(cells(cat.get("decisions", {}).get(m), True) for m in models) + "</tr>"
+        for cat in results["categories"]
+    ]
+    total = results.get("decisions_total")
+    if total:
+        rows.append("<tr class='mean'><td class='l'>all</td>"
+                    + "".join(cells(total.get(m), False) for m in models) + "</tr>")
+    parts.append(f"<table>{head}{''.join(rows)}</table>")
 
 
 def write_demo_report(results: dict, out_dir: str | os.PathLike) -> Path:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..errors import install_hint
 from ..embedding import _neighbourhood_grid
 from ..serialization import write_atomically
 from .formats import GRAPH_FORMAT, GRAPH_VERSION, graph_format, load_graph
@@ -41,7 +42,7 @@ from .formats import GRAPH_FORMAT, GRAPH_VERSION, graph_format, load_graph
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-EXPORT_EXTRA = 'pip install "softpatch-cuda[export]"'
+EXPORT_EXTRA = install_hint("export")
 
 
 class AveragePool1d(torch.nn.Module):
@@ -186,8 +187,7 @@ def export_openvino(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT
     try:
         import openvino as ov  # noqa: PLC0415
     except ImportError as exc:
-        raise ImportError('OpenVINO export needs the openvino package: pip install "softpatch-cuda[openvino]"') \
-            from exc
+        raise ImportError(f"OpenVINO export needs the openvino package: {install_hint('openvino')}") from exc
     model = _load(model, weights)
     path = Path(path).expanduser()
     if path.suffix.lower() != ".xml":

@@ -7,7 +7,10 @@ settings that do not change what a model computes -- the device and progress bar
 are not part of it. Torch-free: the command line and the torch-free predictor read it.
 
 Presets: ``preset="paper"`` starts from the settings of the authors' code (see
-:data:`PAPER_PRESETS`); options given explicitly override the preset.
+:data:`PAPER_PRESETS`); options given explicitly override the preset. With another
+``backbone`` the preset's layers (WRN-50-2's layer2 + layer3) follow it: that backbone's
+paper-equivalent pair, its last stages at strides 8 and 16 (``layers=None``; for
+efficientnet_lite0 blocks.2 + blocks.4), unless ``layers`` are given too.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ def option(default: Any, check: Callable[[str, Any], Any], help: str | None = No
         meta["cli"] = {"help": help, "flag": flag, "metavar": metavar, "parse": parse, "choices": choices,
                        "multiple": multiple, "negate": negate}
     return field(default=default, metadata=meta)
+
+
+def _architecture(backbone: Any) -> str | None:
+    """A timm name without its pretrained tag ("wide_resnet50_2.tv_in1k" -> "wide_resnet50_2")."""
+    return backbone.split(".", 1)[0] if isinstance(backbone, str) else None
 
 
 def _backbone(name: str, value: Any) -> str:
@@ -192,6 +200,11 @@ class PatchCoreConfig:
             raise TypeError(f"{cls.__name__[:-len('Config')]} got unexpected option(s) {unknown}; "
                             f"valid options: {', '.join(cls.option_names())}")
         base = dict(PAPER_PRESETS[cls.__name__]) if preset == "paper" else {}
+        if preset == "paper" and "layers" not in options and _architecture(options.get("backbone")) not in (
+                None, _architecture(base["backbone"])):
+            # The preset's layers are WRN-50-2's: another backbone gets its own paper-equivalent
+            # pair, the last stages at strides 8 and 16 (None: the backbone's default pair).
+            base["layers"] = None
         base.update(options)
         return cls(**{k: _as_tuple(v) for k, v in base.items()})
 

@@ -1,4 +1,4 @@
-"""Beyond one process, on Ray (optional extra: ``pip install "softpatch-cuda[ray]"``).
+"""Beyond one process, on Ray (optional extra: ``pip install ".[ray]"`` in the source folder).
 
 Ray only maps work to workers; what runs is the local code:
 
@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import install_hint
 from ..jobs import (
     PREDICT_CHUNK, ChunkJob, ChunkResult, ModelSource, check_on_error, display_names, one_line, overlay_names,
     prediction_row, render_overlay, score_chunk,
@@ -34,14 +35,14 @@ from ..jobs import (
 
 logger = logging.getLogger(__name__)
 
-RAY_EXTRA = 'pip install "softpatch-cuda[ray]"'
+RAY_EXTRA = install_hint("ray")
 
 
 def _ray():
     try:
         import ray  # noqa: PLC0415
     except ImportError as exc:
-        raise ImportError(f"Ray is not installed: {RAY_EXTRA} (or pip install 'ray[data]')") from exc
+        raise ImportError(f"Ray is not installed: {RAY_EXTRA}") from exc
     return ray
 
 

@@ -57,7 +57,8 @@ from softpatch_cuda.models import CLI_NAMES, kind_by_cli_name  # noqa: E402
 from softpatch_cuda.report import format_pct, write_json  # noqa: E402
 
 DEFAULT_NOISE = (0.0, 0.1, 0.2, 0.4)
-PROTOCOLS = ("no-overlap", "overlap")  # and "no-overlap-paired" (see test_subset)
+PROTOCOLS = ("no-overlap", "overlap")
+PAIRED = "no-overlap-paired"  # opt-in third protocol (see test_subset)
 ANOMALIB = "anomalib-patchcore"
 DEMO_SIZES = {"n_train": 30, "n_test_good": 20, "n_test_defect": 20, "image_size": 128}
 MODEL_SPEC = re.compile(r"^([a-z+-]+)(?:\[(.*)\])?$")
@@ -127,8 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.seeds or any(s < 0 for s in args.seeds):
         p.error(f"--seeds must be non-negative ints, got {args.seeds}")
     args.protocols = _csv(args.protocols)
-    if not args.protocols or any(x not in PROTOCOLS for x in args.protocols):
-        p.error(f"--protocols: choose from {', '.join(PROTOCOLS)}")
+    if not args.protocols or any(x not in (*PROTOCOLS, PAIRED) for x in args.protocols):
+        p.error(f"--protocols: choose from {', '.join((*PROTOCOLS, PAIRED))}")
     try:
         args.models = [parse_model_spec(m) for m in _csv(args.models)]
     except ValueError as exc:

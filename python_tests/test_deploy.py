@@ -161,12 +161,28 @@ def test_the_predictor_runs_where_torch_cannot_be_imported(exported, demo, tmp_p
                                model.score(images), rtol=REL_TOL)
 
 
+# The command line as the torch-free deploy install runs it (requirements-deploy.txt +
+# pip install --no-deps .): every package of the full install only (torch, torchvision,
+# timm, scikit-learn, scipy, scikit-image, ...) fails to import, as where it is absent.
+WITHOUT_FULL_INSTALL = (
+    "import sys\n"
+    "from softpatch_cuda.errors import FULL_INSTALL_MODULES\n"
+    "class Absent:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in FULL_INSTALL_MODULES:\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, Absent())\n"
+    "from softpatch_cuda.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def test_the_command_line_predicts_with_a_graph_where_torch_cannot_be_imported(exported, demo, tmp_path):
     """``softpatch --help`` and ``softpatch predict ... --graph`` import neither torch nor
     the detectors: they run where torch is not installed, and write the torch outputs."""
     model_path, graph_path, model = exported["resnet18"]
     images = demo["grass"][1]
-    run = "import sys; sys.modules['torch'] = None; from softpatch_cuda.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = WITHOUT_FULL_INSTALL
     proc = subprocess.run([sys.executable, "-c", run, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "predict" in proc.stdout, proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -181,6 +197,26 @@ def test_the_command_line_predicts_with_a_graph_where_torch_cannot_be_imported(e
     proc = subprocess.run([sys.executable, "-c", run, "predict", str(model_path), *images, "--out", str(out),
                            "--graph", str(tmp_path / "no.onnx")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "graph file not found" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_commands_that_need_torch_say_what_to_install_where_it_is_absent(exported, demo, tmp_path):
+    """Issue 17, item 7: in the torch-free install fit / evaluate / export / demo / the
+    torch predict ended in a raw ModuleNotFoundError; they name the full install in one line."""
+    model_path = exported["resnet18"][0]
+    images = demo["nut"][0][:2]
+    for args in (["fit", *images, "--out", str(tmp_path / "m.softpatch")],
+                 ["export", str(model_path), "--out", str(tmp_path / "g.onnx")],
+                 ["predict", str(model_path), *images, "--out", str(tmp_path / "p")],
+                 ["demo", "--out", str(tmp_path / "demo")],
+                 ["evaluate", "--dataset", "folder", "--root", str(tmp_path), "--category", "x", "--out",
+                  str(tmp_path / "e")]):
+        proc = subprocess.run([sys.executable, "-c", WITHOUT_FULL_INSTALL, *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert proc.stderr.startswith(f"softpatch: error: 'softpatch {args[0]}' needs ") and \
+            "pip install . in the softpatch_cuda source folder" in proc.stderr and proc.stderr.count("\n") == 1, \
+            (args, proc.stderr)
+    assert not (tmp_path / "m.softpatch").exists() and not (tmp_path / "g.onnx").exists()
 
 
 def test_a_graph_from_another_backbone_or_no_graph_is_refused(exported, tmp_path):

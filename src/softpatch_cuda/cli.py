@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .deploy.formats import FORMAT_NAMES, GRAPH_FORMATS, graph_format, verify_graph
-from .errors import UsageError
+from .errors import UsageError, full_install_hint, missing_full_install
 from .models.config import PRESETS
 from .models.registry import CLI_NAMES, MODEL_KINDS, kind_by_cli_name
 
@@ -561,6 +561,8 @@ def _optional_dependency(fn: Callable) -> Callable:
         try:
             return fn(*a, **kw)
         except ImportError as exc:
+            if missing_full_install(exc):
+                raise  # not an optional extra: main() names the full install
             raise UsageError(str(exc)) from exc
 
     return run
@@ -799,6 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- anything else: a failure, not a usage mistake
         if args.verbose:
             traceback.print_exc()
+        module = missing_full_install(exc)
+        if module is not None:  # a torch-free (deploy) install: fit, evaluate, export, demo need the full one
+            print(f"{PROG}: error: {full_install_hint(args.command, module)}", file=sys.stderr)
+            return 2
         hint = "" if args.verbose else " (run with -v for the traceback)"
         print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
         return 1

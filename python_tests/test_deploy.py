@@ -24,6 +24,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra: pip inst
 from softpatch_cuda import PatchCore, SoftPatch, SoftPatchPlus, cli  # noqa: E402
 from softpatch_cuda import deploy  # noqa: E402
 from softpatch_cuda.demo import make_demo_dataset  # noqa: E402
+from softpatch_cuda.deploy.formats import checksum_path, write_graph_checksum  # noqa: E402
 from softpatch_cuda.deploy.graph import AveragePool1d, EmbeddingGraph, export_onnx, export_openvino  # noqa: E402
 from softpatch_cuda.serialization import read_model_file  # noqa: E402
 
@@ -160,12 +161,28 @@ def test_the_predictor_runs_where_torch_cannot_be_imported(exported, demo, tmp_p
                                model.score(images), rtol=REL_TOL)
 
 
+# The command line as the torch-free deploy install runs it (requirements-deploy.txt +
+# pip install --no-deps .): every package of the full install only (torch, torchvision,
+# timm, scikit-learn, scipy, scikit-image, ...) fails to import, as where it is absent.
+WITHOUT_FULL_INSTALL = (
+    "import sys\n"
+    "from softpatch_cuda.errors import FULL_INSTALL_MODULES\n"
+    "class Absent:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in FULL_INSTALL_MODULES:\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, Absent())\n"
+    "from softpatch_cuda.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def test_the_command_line_predicts_with_a_graph_where_torch_cannot_be_imported(exported, demo, tmp_path):
     """``softpatch --help`` and ``softpatch predict ... --graph`` import neither torch nor
     the detectors: they run where torch is not installed, and write the torch outputs."""
     model_path, graph_path, model = exported["resnet18"]
     images = demo["grass"][1]
-    run = "import sys; sys.modules['torch'] = None; from softpatch_cuda.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = WITHOUT_FULL_INSTALL
     proc = subprocess.run([sys.executable, "-c", run, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "predict" in proc.stdout, proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -182,6 +199,26 @@ def test_the_command_line_predicts_with_a_graph_where_torch_cannot_be_imported(e
     assert proc.returncode == 2 and "graph file not found" in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_commands_that_need_torch_say_what_to_install_where_it_is_absent(exported, demo, tmp_path):
+    """Issue 17, item 7: in the torch-free install fit / evaluate / export / demo / the
+    torch predict ended in a raw ModuleNotFoundError; they name the full install in one line."""
+    model_path = exported["resnet18"][0]
+    images = demo["nut"][0][:2]
+    for args in (["fit", *images, "--out", str(tmp_path / "m.softpatch")],
+                 ["export", str(model_path), "--out", str(tmp_path / "g.onnx")],
+                 ["predict", str(model_path), *images, "--out", str(tmp_path / "p")],
+                 ["demo", "--out", str(tmp_path / "demo")],
+                 ["evaluate", "--dataset", "folder", "--root", str(tmp_path), "--category", "x", "--out",
+                  str(tmp_path / "e")]):
+        proc = subprocess.run([sys.executable, "-c", WITHOUT_FULL_INSTALL, *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert proc.stderr.startswith(f"softpatch: error: 'softpatch {args[0]}' needs ") and \
+            "pip install . in the softpatch_cuda source folder" in proc.stderr and proc.stderr.count("\n") == 1, \
+            (args, proc.stderr)
+    assert not (tmp_path / "m.softpatch").exists() and not (tmp_path / "g.onnx").exists()
+
+
 def test_a_graph_from_another_backbone_or_no_graph_is_refused(exported, tmp_path):
     with pytest.raises(ValueError, match="exported from another backbone"):
         deploy.OnnxDetector(exported["resnet18"][0], exported["lite0"][1])
@@ -192,14 +229,75 @@ def test_a_graph_from_another_backbone_or_no_graph_is_refused(exported, tmp_path
     plain = helper.make_model(helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
     onnx.save(plain, tmp_path / "plain.onnx")
+    write_graph_checksum(tmp_path / "plain.onnx")  # past the checksum: the metadata refuses it
     with pytest.raises(ValueError, match="not a softpatch_cuda embedding graph"):
         deploy.OnnxDetector(exported["resnet18"][0], tmp_path / "plain.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a graph")
+    write_graph_checksum(tmp_path / "junk.onnx")
     with pytest.raises(ValueError, match="not a loadable ONNX graph"):
         deploy.OnnxDetector(exported["resnet18"][0], tmp_path / "junk.onnx")
     (tmp_path / "graph.pt").write_bytes(b"not a graph")
     with pytest.raises(ValueError, match=r"a graph file ends in \.onnx or \.xml"):
         deploy.OnnxDetector(exported["resnet18"][0], tmp_path / "graph.pt")
+
+
+def _copy_graph(graph_path, folder, damage=False):
+    """The graph and its checksum file in ``folder``; ``damage``: 768 bytes of one layer's
+    weights flipped (issue 17, item 8: such a graph changed 7 of 20 verdicts, exit 0)."""
+    import onnx
+
+    proto = onnx.load(str(graph_path))
+    if damage:
+        init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))  # the largest weight tensor
+        raw = bytearray(init.raw_data)
+        for i in range(len(raw) // 2, len(raw) // 2 + 768):
+            raw[i] ^= 0xFF
+        init.raw_data = bytes(raw)
+    copy = folder / graph_path.name
+    if damage:
+        onnx.save(proto, str(copy))
+    else:
+        copy.write_bytes(graph_path.read_bytes())
+    checksum_path(copy).write_bytes(checksum_path(graph_path).read_bytes())
+    return copy
+
+
+def test_an_exported_graph_has_a_checksum_checked_at_load(exported, demo, tmp_path):
+    model_path, graph_path, _ = exported["resnet18"]
+    sidecar = checksum_path(graph_path)
+    assert sidecar.name == "resnet18.onnx.sha256"
+    import hashlib
+
+    assert sidecar.read_text() == f"{hashlib.sha256(graph_path.read_bytes()).hexdigest()}  resnet18.onnx\n"
+    (tmp_path / "ok").mkdir()
+    deploy.OnnxDetector(model_path, _copy_graph(graph_path, tmp_path / "ok"))  # a faithful copy loads
+    (tmp_path / "bad").mkdir()
+    damaged = _copy_graph(graph_path, tmp_path / "bad", damage=True)
+    deploy.load_graph(damaged, verify=False)  # still a loadable graph: only the checksum tells
+    with pytest.raises(ValueError, match=r"is damaged: its SHA-256 does not match resnet18\.onnx\.sha256"):
+        deploy.OnnxDetector(model_path, damaged)
+    checksum_path(damaged).unlink()
+    with pytest.raises(ValueError, match=r"has no checksum file \(resnet18\.onnx\.sha256.*re-export it"):
+        deploy.OnnxDetector(model_path, damaged)
+    checksum_path(damaged).write_text("not a checksum line at all\n")
+    with pytest.raises(ValueError, match="has no checksum for resnet18.onnx"):
+        deploy.load_graph(damaged)
+
+
+def test_the_command_line_refuses_a_damaged_or_unverifiable_graph(exported, demo, tmp_path, capsys):
+    model_path, graph_path, _ = exported["resnet18"]
+    images = demo["nut"][1][:2]
+    (tmp_path / "bad").mkdir()
+    damaged = _copy_graph(graph_path, tmp_path / "bad", damage=True)
+    (tmp_path / "none").mkdir()
+    unchecked = tmp_path / "none" / "g.onnx"
+    unchecked.write_bytes(graph_path.read_bytes())
+    for graph, message in ((damaged, "is damaged: its SHA-256 does not match"), (unchecked, "has no checksum file")):
+        out = tmp_path / f"out-{graph.parent.name}"
+        assert cli.main(["predict", str(model_path), *images, "--out", str(out), "-q", "--graph", str(graph)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "re-export" in err and err.count("\n") == 1, err
+        assert not out.exists()  # refused before any output
 
 
 def test_model_files_read_as_numpy_verify_the_same_checksum(exported, tmp_path):
@@ -267,10 +365,17 @@ def test_openvino_ir_scores_equal_the_torch_scores(exported, demo, tmp_path):
     model_path, _, model = exported["lite0"]
     summary = export_openvino(model, tmp_path / "lite0.xml")
     assert summary["max_rel_diff"] < 1e-5 and (tmp_path / "lite0.bin").is_file()
+    assert [line.split()[1] for line in checksum_path(tmp_path / "lite0.xml").read_text().splitlines()] == \
+        ["lite0.xml", "lite0.bin"]
     detector = deploy.OnnxDetector(model_path, tmp_path / "lite0.xml")
     assert detector.graph.engine == "openvino"
     images = demo["grass"][1]
     np.testing.assert_allclose(detector.score(images), model.score(images), rtol=REL_TOL)
     assert cli.main(["export", str(model_path), "--format", "openvino", "-o", str(tmp_path / "cli.xml"), "-q",
                      "--no-check"]) == 0
-    assert (tmp_path / "cli.bin").is_file()
+    assert (tmp_path / "cli.bin").is_file() and checksum_path(tmp_path / "cli.xml").is_file()
+    weights = bytearray((tmp_path / "cli.bin").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF  # the IR's weights: the checksum covers the .bin too
+    (tmp_path / "cli.bin").write_bytes(bytes(weights))
+    with pytest.raises(ValueError, match=r"cli\.bin is damaged"):
+        deploy.OnnxDetector(model_path, tmp_path / "cli.xml")

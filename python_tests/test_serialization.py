@@ -101,3 +101,76 @@ def test_truncated_file(data, tmp_path):
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError):
         load_model(path)
+
+
+def _relabel(path, out, header_change=None, tensors_change=None):
+    """Rewrite a model file with its header / tensors changed (and nothing recomputed)."""
+    from safetensors.numpy import save_file as save_numpy
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a version 1 source file: no checksum
+        tensors, header = read_model_file(path, framework="np")
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    if header_change:
+        header = header_change(header)
+    if tensors_change:
+        tensors = tensors_change(tensors)
+    save_numpy(tensors, str(out), metadata={METADATA_KEY: json.dumps(header)})
+    return out
+
+
+def _damage_bank(tensors):
+    bank = tensors["cls_bank.features"]
+    bank[0, :192] = -bank[0, :192]  # 768 bytes of one bank row
+    return tensors
+
+
+def test_a_downgraded_format_version_does_not_bypass_the_checksum(data, tmp_path):
+    """Issue 17, item 9: 'format_version': 1 (no checksum before version 2) used to skip
+    the checksum, so a damaged bank was used silently."""
+    path = tmp_path / "m.softpatch"
+    SoftPatch(**FAST).fit(data[0]).save(path)
+    # the checksum kept: it covers the version field too, and the bank
+    relabelled = _relabel(path, tmp_path / "v1.softpatch", lambda h: dict(h, format_version=1), _damage_bank)
+    with pytest.raises(ValueError, match="damaged: its checksum does not match"):
+        load_model(relabelled, device="cpu")
+    with pytest.raises(ValueError, match="damaged: its checksum does not match"):
+        read_model_file(_relabel(path, tmp_path / "v1-only.softpatch", lambda h: dict(h, format_version=1)))
+    # the checksum removed as well: the file holds what version 1 never wrote
+    stripped = _relabel(path, tmp_path / "v1-stripped.softpatch",
+                        lambda h: {k: v for k, v in dict(h, format_version=1).items() if k != "checksum"}, _damage_bank)
+    with pytest.raises(ValueError, match="says model format version 1 but holds .*which version 1 files never had"):
+        load_model(stripped, device="cpu")
+    with pytest.raises(ValueError, match="says model format version 1"):
+        read_model_file(stripped, framework="np")
+
+
+def test_a_genuine_version_1_file_loads_with_a_warning(data, tmp_path):
+    """Version 1 (0.1) files have no checksum: they load, verified as far as they can be
+    (types, shapes, ranges), with a warning that damage cannot be detected."""
+    from softpatch_cuda.serialization import V1_HEADER_KEYS
+
+    train, test = data
+    model = PatchCore(**FAST).fit(train)
+    path = tmp_path / "m.softpatch"
+    model.save(path)
+
+    def as_v1(header):
+        v1 = {k: v for k, v in header.items() if k in V1_HEADER_KEYS}
+        v1["backbone_spec"] = {k: v for k, v in header["backbone_spec"].items() if k != "fingerprint"}
+        return dict(v1, format_version=1)
+
+    old = _relabel(path, tmp_path / "v1.softpatch", as_v1)
+    with pytest.warns(UserWarning, match="format version 1 file: it has no checksum"):
+        loaded = load_model(old, device="cpu")
+    np.testing.assert_array_equal(loaded.predict(test).scores, model.predict(test).scores)
+    # still checked as far as it can be: a bank row of NaN is refused
+    def nan_row(tensors):
+        tensors["cls_bank.features"][0] = np.nan
+        return tensors
+
+    broken = _relabel(old, tmp_path / "v1-nan.softpatch", tensors_change=nan_row)
+    with pytest.warns(UserWarning, match="no checksum"), pytest.raises(ValueError, match="NaN or infinite"):
+        load_model(broken, device="cpu")

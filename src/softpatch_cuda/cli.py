@@ -23,8 +23,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .deploy.formats import FORMAT_NAMES, GRAPH_FORMATS, graph_format
-from .errors import UsageError
+from .deploy.formats import FORMAT_NAMES, GRAPH_FORMATS, graph_format, verify_graph
+from .errors import UsageError, full_install_hint, missing_full_install
 from .models.config import PRESETS
 from .models.registry import CLI_NAMES, MODEL_KINDS, kind_by_cli_name
 
@@ -88,8 +88,10 @@ examples:
 
 EXPORT_EPILOG = """\
 Writes the backbone + patch embedding as a graph; the memory bank, weights, threshold and
-transform stay in the model file. Serve both without torch: 'softpatch predict MODEL IMAGES
---graph GRAPH', or softpatch_cuda.deploy.OnnxDetector in Python.
+transform stay in the model file. Beside the graph goes its checksum, GRAPH.sha256: a graph
+that does not match it (damaged or changed after export), or has none, is refused when loaded;
+copy it with the graph. Serve both without torch: 'softpatch predict MODEL IMAGES --graph
+GRAPH', or softpatch_cuda.deploy.OnnxDetector in Python.
 
 examples:
   softpatch export bottle.softpatch                         # bottle.onnx
@@ -559,6 +561,8 @@ def _optional_dependency(fn: Callable) -> Callable:
         try:
             return fn(*a, **kw)
         except ImportError as exc:
+            if missing_full_install(exc):
+                raise  # not an optional extra: main() names the full install
             raise UsageError(str(exc)) from exc
 
     return run
@@ -577,6 +581,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UsageError(f"--device {args.device} does not apply with --graph (ONNX Runtime / OpenVINO on the CPU)")
         if not Path(args.graph).expanduser().is_file():
             raise FileNotFoundError(f"graph file not found: {args.graph}")
+        verify_graph(Path(args.graph).expanduser())  # damaged or unverifiable: refused before any output
     out = check_writable_dir(args.out, "--out")
     paths = collect_images(args.images, args.recursive, "image path", exclude=out)
     source = ModelSource(path=str(model_path.resolve()), graph=None if args.graph is None else
@@ -633,8 +638,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if "max_rel_diff" in summary:
         check = f"; max difference to the torch embedding {summary['max_abs_diff']:.2g} ({summary['max_rel_diff']:.2g} relative)"
     print(f"Exported the {summary['metadata']['backbone']} embedding graph ({args.format}, opset {args.opset}) to "
-          f"{summary['path']}{check}. Serve it with the model file: softpatch predict {model_path} IMAGES --graph "
-          f"{summary['path']} --out DIR")
+          f"{summary['path']}{check}; its checksum, checked whenever it is loaded, to {summary['checksum']} (copy "
+          f"both). Serve it with the model file: softpatch predict {model_path} IMAGES --graph {summary['path']} "
+          "--out DIR")
     return 0
 
 
@@ -795,6 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- anything else: a failure, not a usage mistake
         if args.verbose:
             traceback.print_exc()
+        module = missing_full_install(exc)
+        if module is not None:  # a torch-free (deploy) install: fit, evaluate, export, demo need the full one
+            print(f"{PROG}: error: {full_install_hint(args.command, module)}", file=sys.stderr)
+            return 2
         hint = "" if args.verbose else " (run with -v for the traceback)"
         print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
         return 1

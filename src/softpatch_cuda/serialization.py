@@ -9,7 +9,10 @@ re-drawn from the saved seed) and checked against the stored weights fingerprint
 
 Since format version 2 the header carries a SHA-256 checksum over the header itself
 and every tensor (name, dtype, shape, bytes): a flipped byte anywhere is refused on
-load instead of silently changing scores. Files are written to a temporary name and
+load instead of silently changing scores. A checksum is verified whenever present,
+whatever the version field says (it covers that field too); a file that says version 1
+(which had no checksum) but holds content only later versions write is refused, and a
+genuine version 1 file loads with a warning that it cannot be verified. Files are written to a temporary name and
 renamed (a crash never leaves a half-written model), with the permissions the
 process's umask gives any new file.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -168,11 +172,47 @@ def read_model_file(path: str | os.PathLike, framework: str = "pt") -> tuple[dic
         raise ValueError(f"framework must be 'pt' or 'np', got {framework!r}")
     path = Path(path)
     tensors, header = _open_file(path, framework, with_tensors=True)
-    if header["format_version"] >= 2:
+    # A checksum, when there is one, is verified whatever the version says: the version
+    # field is part of what it covers, so a file relabelled as older fails it too.
+    if CHECKSUM_KEY in header or header["format_version"] >= 2:
         stored = header.get(CHECKSUM_KEY)
         if not isinstance(stored, str):
             raise ValueError(f"{path}: corrupt model header (no checksum)")
         if content_checksum(tensors, header) != stored:
             raise ValueError(f"{path} is damaged: its checksum does not match its contents (the file was "
                              "changed or corrupted after it was written); refit or restore the file")
+        return tensors, header
+    # Version 1 (0.1) files have no checksum. One that holds what only later versions
+    # write is a later file whose version field was lowered (and checksum dropped) to get
+    # past verification: refused. A genuine one is used as far as it can be verified (the
+    # model layer still checks every array's type, shape and range), with a warning.
+    later = later_version_content(tensors, header)
+    if later:
+        named = ", ".join(later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
+        raise ValueError(f"{path} says model format version 1 but holds {named}, which version 1 files "
+                         "never had: its version field was changed and its checksum removed (or the file is "
+                         "damaged); it cannot be verified, so it is not used -- refit or restore the file")
+    warnings.warn(f"{path} is a model format version 1 file: it has no checksum, so damage to it cannot be "
+                  "detected; save it again (load_model(path).save(path)) to add one", UserWarning, stacklevel=2)
     return tensors, header
+
+
+# What only files of format version >= 2 hold: version 1 wrote the model type, library
+# version, config, threshold, backbone spec (no weights fingerprint), embed_dim, fit
+# information and report names; its tensors were the projection, the banks' features,
+# source images and weights and the report's scores / flagged / removed fractions.
+V1_HEADER_KEYS = frozenset({"format", "format_version", "model_type", "library_version", "config", "threshold",
+                            "backbone_spec", "embed_dim", "fit_info", "report"})
+V1_TENSOR_PARTS = (".features", ".source_image", ".weights")
+V1_TENSORS = frozenset({"projection", "report.scores", "report.flagged", "report.removed_fraction"})
+
+
+def later_version_content(tensors: dict[str, Any], header: dict[str, Any]) -> list[str]:
+    """What in a file that says format version 1 only later versions write (empty: nothing)."""
+    found = [f"the header entry {key!r}" for key in sorted(set(header) - V1_HEADER_KEYS)]
+    spec = header.get("backbone_spec")
+    if isinstance(spec, dict) and "fingerprint" in spec:
+        found.append("a backbone weights fingerprint")
+    found += [f"the tensor {name!r}" for name in sorted(tensors)
+              if name not in V1_TENSORS and not (name.endswith(V1_TENSOR_PARTS) and "_bank." in name)]
+    return found

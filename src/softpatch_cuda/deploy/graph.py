@@ -37,7 +37,7 @@ from .._version import __version__
 from ..errors import install_hint
 from ..embedding import _neighbourhood_grid
 from ..serialization import write_atomically
-from .formats import GRAPH_FORMAT, GRAPH_VERSION, graph_format, load_graph
+from .formats import GRAPH_FORMAT, GRAPH_VERSION, checksum_path, graph_format, load_graph, write_graph_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,9 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPS
         onnx.save(proto, str(tmp))
 
     write_atomically(path, write)
-    summary: dict[str, Any] = {"path": str(path), "format": "onnx", "opset": opset, "metadata": meta}
+    write_graph_checksum(path)
+    summary: dict[str, Any] = {"path": str(path), "format": "onnx", "opset": opset, "metadata": meta,
+                               "checksum": str(checksum_path(path))}
     if check:
         summary.update(check_graph(model, path, example))
     return summary
@@ -199,10 +201,13 @@ def export_openvino(model: Any, path: str | os.PathLike, *, opset: int = DEFAULT
         for key, value in summary["metadata"].items():
             ov_model.set_rt_info(value, ["softpatch_cuda", key])
         ov.save_model(ov_model, str(path), compress_to_fp16=False)  # fp32: scores must match the torch path
+        write_graph_checksum(path)
     finally:
-        if onnx_tmp.exists():
-            onnx_tmp.unlink()
-    out: dict[str, Any] = {"path": str(path), "format": "openvino", "opset": opset, "metadata": summary["metadata"]}
+        for tmp in (onnx_tmp, checksum_path(onnx_tmp)):
+            if tmp.exists():
+                tmp.unlink()
+    out: dict[str, Any] = {"path": str(path), "format": "openvino", "opset": opset, "metadata": summary["metadata"],
+                           "checksum": str(checksum_path(path))}
     if check:
         out.update(check_graph(model, path))
     return out

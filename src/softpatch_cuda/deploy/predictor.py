@@ -6,8 +6,10 @@ the embeddings with the torch detector's own code on numpy arrays: the model fil
 by :func:`softpatch_cuda.models.model_io.read_state` (verified; its banks search as the
 model says, ``search="pca"`` included), the validated ``ops.knn``, the scoring core
 :mod:`softpatch_cuda.scoring` and the image handling of :mod:`softpatch_cuda._pixels`.
-Nothing here imports torch: install ``softpatch-cuda`` and ``onnxruntime`` (or
-``openvino``) where the detector runs; torch is needed only to fit and to export. Scores
+The graph is checked against its checksum file (``<graph>.sha256``, written by the
+export) before it is run: a damaged graph, or one without a checksum file, is refused.
+Nothing here imports torch: where the detector runs, install as requirements-deploy.txt
+says (no torch; ``openvino`` for .xml graphs); torch is needed only to fit and to export. Scores
 equal the torch path's to float rounding of the graph's embeddings (measured
 differences: benchmarks/results/scale_export_*.md).
 

@@ -475,8 +475,12 @@ class _Pool:
         """A run that stops early: its items in flight finish (up to GRACE_S seconds, so no
         worker still writes into the run's folder), then their actors go."""
         if self._running:
+            done: list = []
             with contextlib.suppress(Exception):
-                _ray().wait(list(self._running), num_returns=len(self._running), timeout=GRACE_S)
+                done, _ = _ray().wait(list(self._running), num_returns=len(self._running), timeout=GRACE_S)
+            for ref in done:  # fetched, so that Ray does not print their errors as "unhandled" later
+                with contextlib.suppress(Exception):
+                    _ray().get(ref)
             for _, _, actor in self._running.values():
                 self._drop(actor)
             self._running.clear()

@@ -3,8 +3,13 @@ the local loop's outputs for every model kind and setting; Ray Data scoring
 (BatchPredictor, predict_dataset) gives the local rows; the distributed fit equals the
 local sharded fit and hands every model option (threads included) to its workers.
 
-One local Ray instance for the module (4 logical CPUs, no dashboard). Random-weight resnet18 at
-64 px, a dozen images. Marked slow.
+Where it runs: another Ray instance runs on the machine for the whole module (started with
+``ray start --head``, named by ``RAY_ADDRESS``, the way ``ray.init()`` finds a cluster to
+join) and nothing here may join it: the module's own local Ray instance (4 logical CPUs, no
+dashboard), the CLI in a process of its own, ``predict_dataset`` outside a session. Relative
+paths from another working folder, more workers than CPUs, a worker lost mid-run (the test
+hook ``SOFTPATCH_RAY_FAULT_DIR``), an address that does not answer, worker errors in one
+line. Random-weight resnet18 at 64 px, a dozen images. Marked slow.
 """
 
 from __future__ import annotations
@@ -13,6 +18,16 @@ import csv
 import filecmp
 import itertools
 import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +46,77 @@ pytestmark = pytest.mark.slow
 SETTINGS = list(itertools.product(["l2", "squared_l2"], ["max", "reweighted"], ["exact", "pca"], [1, "auto"]))
 
 
+FOREIGN_CPUS = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def foreign_ray():
+    """Another Ray instance on this machine (``ray start --head``, 1 CPU, ports of its own,
+    its own temp folder), named by RAY_ADDRESS: what a plain ``ray.init()`` would join."""
+    temp = Path(tempfile.mkdtemp(prefix="rayf", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    ports = {f"--{name}": str(_free_port()) for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
+    log = (temp / "start.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", f"--num-cpus={FOREIGN_CPUS}",
+                             f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats",
+                             *itertools.chain.from_iterable(ports.items())],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        deadline = time.monotonic() + 120
+        while not (temp / "ray_current_cluster").is_file():  # written once the head runs
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the foreign Ray instance did not start:\n{(temp / 'start.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        address = (temp / "ray_current_cluster").read_text().strip()
+        previous = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = address  # a plain ray.init() joins it from now on
+        try:
+            yield {"address": address, "temp": temp}
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = previous
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _joined(foreign: dict, pid: int) -> list[Path]:
+    """The driver logs a process left in the foreign instance's session: it joined it."""
+    return list(Path(foreign["temp"]).glob(f"session_*/logs/*driver*{pid}*"))
+
+
+@pytest.fixture(scope="module")
+def fault_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    with D.ray_session(num_cpus=4, quiet=True):  # room for the module's chunk actors beside the other tests' ones
-        yield
+def ray_instance(foreign_ray, fault_dir):
+    """The module's own Ray instance: local, never the foreign one RAY_ADDRESS names. Its
+    workers see SOFTPATCH_RAY_FAULT_DIR (the lost-worker tests drop files there)."""
+    os.environ[D._FAULT_ENV] = str(fault_dir)  # the instance's workers inherit it
+    try:
+        with D.ray_session(num_cpus=4, quiet=True):  # room for the module's chunk actors beside the other tests' ones
+            assert ray.get_runtime_context().gcs_address != foreign_ray["address"]
+            assert ray.cluster_resources()["CPU"] == 4
+            yield
+    finally:
+        os.environ.pop(D._FAULT_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +274,184 @@ def test_cli_fit_and_predict_with_ray(files, model_file, tmp_path, capsys):
     capsys.readouterr()
     code = cli.main(["predict", str(model_file), *good, "--out", str(tmp_path / "x"), "-q", "--ray", "--workers", "0"])
     assert code == 2 and "--workers must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ where it runs, what goes wrong
+def _env() -> dict:
+    src = str(Path(D.__file__).resolve().parents[2])  # the package under test, for the subprocess and its workers
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _copy_images(files: dict, root: Path) -> None:
+    for part in ("train", "test"):
+        (root / "imgs" / part).mkdir(parents=True)
+        for p in files[part]:
+            shutil.copy(p, root / "imgs" / part)
+
+
+def test_cli_on_ray_in_a_process_of_its_own_does_not_join_the_running_cluster(files, foreign_ray, tmp_path):
+    """`softpatch fit imgs/train --ray --workers 5` with relative paths, from another folder,
+    on a machine with fewer free CPUs than workers and another Ray instance named by
+    RAY_ADDRESS: a Ray instance of its own, fewer workers with one warning, done."""
+    _copy_images(files, tmp_path)
+    cmd = [sys.executable, "-m", "softpatch_cuda", "fit", "imgs/train", "--out", "m.softpatch", *TINY_CLI[:-1],
+           "--lof-k", "2", "--ray", "--workers", "5"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - t0 < 240
+    if (os.cpu_count() or 1) < 5:  # 5 workers, fewer CPUs: said once
+        assert len([line for line in err.splitlines() if "Ray workers asked for, the cluster has free CPUs" in line]) == 1
+    fitted = load_model(tmp_path / "m.softpatch", device="cpu")
+    assert len(fitted.fit_info_["sharding"]["shards"]) == 5  # the shards asked for, whatever the machine
+    assert not _joined(foreign_ray, proc.pid)
+    report = (tmp_path / "m_training_report.csv").read_text()
+    assert "imgs/train/" in report and str(tmp_path) not in report  # the images named as given
+
+
+def test_cli_fit_and_predict_with_relative_paths_from_another_folder(files, tmp_path, monkeypatch, capsys):
+    """The workers start in another folder: every path is made absolute on the driver; the
+    outputs land where the user's folder says, named as given."""
+    import softpatch_cuda
+
+    _copy_images(files, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", "imgs/train", "--out", "m.softpatch", *TINY_CLI, "--ray", "--workers", "2"]) == 0, \
+        capsys.readouterr().err
+    assert cli.main(["predict", "m.softpatch", "imgs/test", "--out", "res", "-q", "--ray", "--workers", "2"]) == 0, \
+        capsys.readouterr().err
+    rows = list(csv.DictReader((tmp_path / "res" / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == [f"imgs/test/{Path(p).name}" for p in files["test"]]
+    assert all((tmp_path / r["overlay"]).is_file() for r in rows) and len(rows) == 8
+    assert not (Path(softpatch_cuda.__file__).parent / "res").exists()
+    local = fit_sharded(SoftPatch(**FAST), [f"imgs/train/{Path(p).name}" for p in files["train"]], shards=2)
+    assert load_model(tmp_path / "m.softpatch", device="cpu").threshold == local.threshold
+
+
+def test_more_workers_than_free_cpus_start_fewer_and_give_the_same_fit(files, caplog):
+    caplog.set_level(logging.WARNING, logger=D.__name__)
+    assert D._free_slots(1) <= ray.cluster_resources()["CPU"] == 4
+    t0 = time.monotonic()
+    remote = D.fit_distributed(SoftPatch(**FAST, lof_k=2), files["train"], workers=5)
+    assert time.monotonic() - t0 < 180
+    assert re.search(r"5 Ray workers asked for, the cluster has free CPUs for [0-4]: the 5 shards run on [1-4] ",
+                     caplog.text)
+    local = fit_sharded(SoftPatch(**FAST, lof_k=2), files["train"], shards=5)
+    assert len(remote.fit_info_["sharding"]["shards"]) == 5
+    assert torch.equal(remote.state.cls_bank.features, local.state.cls_bank.features)
+    assert remote.threshold == local.threshold
+
+
+def test_a_shard_whose_worker_is_lost_runs_again_elsewhere(files, fault_dir, caplog):
+    caplog.set_level(logging.WARNING, logger=D.__name__)
+    (fault_dir / "crash-run").touch()  # the first worker to start a shard dies, as on a lost node
+    remote = D.fit_distributed(SoftPatch(**FAST), files["train"], workers=2)
+    assert not (fault_dir / "crash-run").exists()
+    assert "its Ray worker on" in caplog.text and "was lost" in caplog.text and "attempt 2 of 3" in caplog.text
+    local = fit_sharded(SoftPatch(**FAST), files["train"], shards=2)
+    assert torch.equal(remote.state.cls_bank.features, local.state.cls_bank.features)
+    assert remote.threshold == local.threshold
+    again = D.fit_distributed(SoftPatch(**FAST), files["train"], workers=2)  # the next run with the same workers
+    assert again.threshold == local.threshold
+
+
+def test_a_shard_lost_three_times_fails_in_one_line(files, fault_dir):
+    for k in range(D.MAX_ATTEMPTS):
+        (fault_dir / f"crash-run-{k}").touch()
+    try:
+        with pytest.raises(D.RayRunError, match=r"^shard \d/2: its Ray worker was lost 3 times") as err:
+            D.fit_distributed(SoftPatch(**FAST), files["train"], workers=1, shards=2)
+        assert "\n" not in str(err.value)
+    finally:
+        for p in fault_dir.glob("crash-*"):
+            p.unlink()
+
+
+def test_a_chunk_whose_worker_is_lost_runs_again(files, model_file, ray_chunks, fault_dir, tmp_path):
+    source = ModelSource(path=str(model_file), device="cpu")
+    local = predict_to_folder(source, files["test"], tmp_path / "local", chunk=2)
+    (fault_dir / "crash-score").touch()
+    remote = predict_to_folder(source, files["test"], tmp_path / "ray", chunk=2, runner=ray_chunks)
+    assert not (fault_dir / "crash-score").exists()
+    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
+    assert len(remote.rows) == 8
+
+
+def test_workers_that_cannot_start_fail_in_one_line():
+    with pytest.raises(D.RayRunError, match=r"^a Ray worker could not start: TypeError: .*no_such_option") as err:
+        list(D._Pool(D._ShardWorker, ("softpatch", {"no_such_option": 1}, "cpu", 1), 1, 1).map("run", [1], str))
+    assert "\n" not in str(err.value)
+    t0 = time.monotonic()
+    with pytest.raises(D.RayRunError, match=r"^no Ray worker started within 2 s"):  # no room: never placed
+        list(D._Pool(D._ChunkScorer, (), 1, 1000, start_timeout=2).map("score", [1], str))
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_file_a_worker_misses_but_the_driver_has_means_no_shared_storage(files, tmp_path):
+    hinted = D._shared_storage_hint(FileNotFoundError(f"image file not found: {files['test'][0]}"))
+    assert str(hinted).startswith("image file not found: ") and str(hinted).endswith(D.SHARED_STORAGE)
+    assert D._shared_storage_hint(hinted) is hinted  # said once
+    gone = FileNotFoundError(f"image file not found: {tmp_path / 'gone.png'}")
+    assert D._shared_storage_hint(gone) is gone  # missing here too: the plain error
+    result = D.ChunkResult(0, [files["test"][0]], [1.0], [False], [str(tmp_path / "elsewhere" / "000.png")], [None],
+                           1.0, (0.0, 1.0), "SoftPatch")
+    with pytest.raises(D.RayRunError, match="a Ray worker wrote is not in .* on this machine: on a Ray cluster"):
+        D._check_chunk(result, str(tmp_path / "elsewhere"))
+
+
+def test_an_address_that_does_not_answer_fails_in_seconds_in_one_line(model_file, files, tmp_path):
+    """Nothing listens there (refused at once), or nothing answers (a blackholed address:
+    the connect times out; where a proxy answers instead, Ray's connect does): one line,
+    in seconds."""
+    port = _free_port()
+    with pytest.raises(D.RayRunError, match=rf"^cannot reach the Ray cluster at 127.0.0.1:{port} within 2 s"):
+        D._check_reachable(f"127.0.0.1:{port}", 2)
+    for address in (f"127.0.0.1:{port}", "10.255.255.1:6379"):
+        cmd = [sys.executable, "-m", "softpatch_cuda", "predict", str(model_file), *files["test"][:2], "--out",
+               str(tmp_path / "o"), "--ray-address", address]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert time.monotonic() - t0 < 90
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("softpatch: error: RayRunError: cannot "), proc.stderr
+        assert address in lines[0]
+        if address.startswith("127."):
+            assert lines[0] == (f"softpatch: error: RayRunError: cannot reach the Ray cluster at {address} within "
+                                "10 s: Connection refused (run with -v for the traceback)")
+
+
+def test_predict_dataset_and_fit_distributed_outside_a_session(files, model_file, foreign_ray, tmp_path):
+    """As Ray Data's own functions do, they start a Ray instance when this process runs
+    none: a local one, not the cluster RAY_ADDRESS names."""
+    script = f"""
+import ray, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from builders import FAST
+from softpatch_cuda import SoftPatch
+from softpatch_cuda.scale import distributed as D
+rows = D.predict_dataset({str(model_file)!r}, {files["test"]!r}, workers=1, chunk=4).take_all()
+assert len(rows) == 8 and ray.get_runtime_context().gcs_address != {foreign_ray["address"]!r}
+ray.shutdown()
+model = D.fit_distributed(SoftPatch(**FAST), {files["train"]!r}, workers=2)
+assert len(model.fit_info_["sharding"]["shards"]) == 2 and not ray.is_initialized()
+print("ok")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+    assert not _joined(foreign_ray, proc.pid)
+
+
+def test_the_cli_ray_address_options():
+    parser = cli.build_parser()
+    for argv, want in ((["--ray"], "local"), (["--ray", "auto"], "auto"), (["--ray-address", "h:1"], "h:1"),
+                       (["--ray", "--ray-address", "ray://h:10001"], "ray://h:10001")):
+        assert cli._ray_address(parser.parse_args(["predict", "m", "x", "--out", "o", *argv])) == want
+    with pytest.raises(cli.UsageError, match="give one address"):
+        cli._ray_address(parser.parse_args(["predict", "m", "x", "--out", "o", "--ray", "auto", "--ray-address", "h:1"]))
+    with pytest.raises(cli.UsageError, match="--ray-address nowhere: not a Ray address"):
+        cli._ray_address(parser.parse_args(["predict", "m", "x", "--out", "o", "--ray-address", "nowhere"]))

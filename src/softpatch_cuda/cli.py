@@ -70,8 +70,10 @@ examples:
 
 at scale (see README, "At scale"):
   softpatch fit images/ --out m.softpatch --max-memory 8G          # bounded memory: shards, one bank
-  softpatch fit images/ --out m.softpatch --ray --workers 4         # shards on a local Ray instance
-  softpatch fit images/ --out m.softpatch --ray auto --shards 16    # on a running Ray cluster
+  softpatch fit images/ --out m.softpatch --ray --workers 4         # shards on a Ray instance of its own
+  softpatch fit images/ --out m.softpatch --ray-address auto --shards 16   # on the Ray cluster running here
+  (a cluster needs softpatch_cuda on every node and the images and --out on shared storage at the same
+  paths: see README, "Ray, where it runs")
 """
 
 PREDICT_EPILOG = """\
@@ -82,7 +84,8 @@ normal ... red = anomalous, the decision threshold in the middle of the scale).
 examples:
   softpatch predict bottle.softpatch images/test --out results/
   softpatch predict bottle.softpatch a.png b.png --out results/ --threshold 2.5 --no-overlays
-  softpatch predict bottle.softpatch images/ --out results/ --ray --workers 8      # Ray Data, same outputs
+  softpatch predict bottle.softpatch images/ --out results/ --ray --workers 8      # Ray actors, same outputs
+  softpatch predict bottle.softpatch images/ --out /shared/res --ray-address HEAD:6379  # a Ray cluster
   softpatch predict bottle.softpatch images/ --out results/ --graph bottle.onnx    # exported graph, no torch
 """
 
@@ -372,24 +375,39 @@ RAY_ADDRESS = re.compile(r"^(auto|local|(ray|https?)://[\w.\-]+(:\d+)?|[\w.\-]+:
 
 def _add_ray_options(group: Any, what: str) -> None:
     group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                       help=f"{what}: a local Ray instance (no ADDRESS), 'auto' (the running cluster) or "
-                            "ray://HOST:PORT; put it after the positional arguments")
-    group.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: the cluster's CPUs)")
+                       help=f"{what}, on a Ray instance of its own started on this machine (never a cluster "
+                            "that runs here); --ray ADDRESS is --ray-address ADDRESS (put it after the "
+                            "positional arguments)")
+    group.add_argument("--ray-address", metavar="ADDRESS",
+                       help="join a running Ray cluster instead (implies --ray): auto (the one running on this "
+                            "machine), HOST:PORT or ray://HOST:PORT; refused within seconds when it does not "
+                            "answer. Every node needs softpatch_cuda installed, and the model, the images and "
+                            "--out on shared storage at the same paths")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="Ray workers (default: the cluster's CPUs); more than the cluster has free CPUs "
+                            "for: fewer start, with a warning")
 
 
 def _ray_address(args: argparse.Namespace) -> str | None:
-    """The --ray address checked (None: no Ray); --workers only with --ray."""
-    if args.ray is None:
+    """The Ray address checked (None: no Ray; "local": a Ray instance of its own);
+    --workers only with --ray / --ray-address."""
+    address = args.ray
+    if args.ray_address is not None:
+        if address not in (None, "local", args.ray_address):
+            raise UsageError(f"--ray {args.ray} and --ray-address {args.ray_address}: give one address")
+        address = args.ray_address
+    if address is None:
         if args.workers is not None:
             raise UsageError("--workers needs --ray")
         return None
-    if not RAY_ADDRESS.match(args.ray):
+    flag = "--ray-address" if args.ray_address is not None else "--ray"
+    if not RAY_ADDRESS.match(address):
         hint = " (it looks like a path: put --ray after the positional arguments, or write --ray=ADDRESS)" \
-            if Path(args.ray).exists() else ""
-        raise UsageError(f"--ray {args.ray}: not a Ray address (auto, local, ray://HOST:PORT, HOST:PORT){hint}")
+            if flag == "--ray" and Path(address).exists() else ""
+        raise UsageError(f"{flag} {address}: not a Ray address (auto, local, ray://HOST:PORT, HOST:PORT){hint}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    return args.ray
+    return address
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -522,7 +540,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     paths = collect_images(args.data, args.recursive, "DATA")
     how = ""
     if address is not None:
-        how = f" on Ray ({address})"
+        how = " on a local Ray instance" if address == "local" else f" on the Ray cluster at {address}"
     elif args.max_memory is not None:
         how = f" within {args.max_memory} of memory"
     elif args.shards is not None:

@@ -503,6 +503,18 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().absolute())
 
 
+def _source_on_driver(source: ModelSource, who: str) -> ModelSource:
+    """The model source with absolute paths (workers start in another folder), its files checked here."""
+    if source.path is None:
+        raise ValueError(f"{who} opens the model on every worker: give a model file (ModelSource(path=...))")
+    source = dataclasses.replace(source, path=_absolute(source.path), graph=_absolute(source.graph),
+                                 weights=_absolute(source.weights))
+    for what, file in (("model file", source.path), ("graph file", source.graph), ("weights file", source.weights)):
+        if file is not None and not os.path.isfile(file):
+            raise FileNotFoundError(f"{what} not found: {file}")
+    return source
+
+
 def _absolute_image(item: Any) -> Any:
     return _absolute(os.fspath(item)) if isinstance(item, (str, os.PathLike)) else item
 
@@ -570,13 +582,7 @@ class ChunkRunner:
 
     def __call__(self, source: ModelSource, jobs: Sequence[ChunkJob], on_error: str,
                  overlay_dir: Path | None) -> Iterator[ChunkResult]:
-        if source.path is None:
-            raise ValueError("a Ray run opens the model on every worker: give a model file (ModelSource(path=...))")
-        source = dataclasses.replace(source, path=_absolute(source.path), graph=_absolute(source.graph),
-                                     weights=_absolute(source.weights))
-        for what, path in (("model file", source.path), ("graph file", source.graph), ("weights file", source.weights)):
-            if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(f"{what} not found: {path}")
+        source = _source_on_driver(source, "a Ray run")
         jobs = list(jobs)
         _check_images_here([p for job in jobs for p in job.paths])
         self._started_ray = _ensure_ray(self.address) or self._started_ray
@@ -755,13 +761,7 @@ def predict_dataset(source: ModelSource | str | os.PathLike, data: Any, *, worke
     _check_workers(workers)
     if not isinstance(source, ModelSource):
         source = ModelSource(path=str(source), device="cpu")
-    if source.path is None:
-        raise ValueError("predict_dataset opens the model on every worker: give a model file (ModelSource(path=...))")
-    source = dataclasses.replace(source, path=_absolute(source.path), graph=_absolute(source.graph),
-                                 weights=_absolute(source.weights))
-    for what, file in (("model file", source.path), ("graph file", source.graph), ("weights file", source.weights)):
-        if file is not None and not os.path.isfile(file):
-            raise FileNotFoundError(f"{what} not found: {file}")
+    source = _source_on_driver(source, "predict_dataset")
     _ensure_ray(address)
     workers = _pool_size(_default_workers(workers, cpus_per_worker), cpus_per_worker, "the images are scored")
     if isinstance(data, ray.data.Dataset):

@@ -138,7 +138,9 @@ def targets(rows, cats, model, base, before) -> list[tuple[str, bool | None, str
             v, b = cell(rows, c, model, "no-overlap", n), cell(rows, c, base, "no-overlap", n)
             good = v is not None and b is not None and v >= b - 0.02
             ok &= good
-            figs.append(f"{c} {n:g} {pct(v)} vs {pct(b)}{'' if good else ' MISSED'}")
+            vp, bp = cell(rows, c, model, "no-overlap-paired", n), cell(rows, c, base, "no-overlap-paired", n)
+            paired = "" if vp is None or bp is None else f" (paired protocol: {pct(vp)} vs {pct(bp)})"
+            figs.append(f"{c} {n:g} {pct(v)} vs {pct(b)}{'' if good else ' MISSED'}{paired}")
     res.append(("no-overlap 10-20 %: within 2 image points on every set", ok, "; ".join(figs)))
     figs, ok = [], True
     for c in cats:

@@ -249,3 +249,52 @@ def test_bench_accuracy_smoke(tmp_path):
     for text in ("## Mean image AUROC, no-overlap", "## Mean pixel AUROC, overlap", "What the denoising did",
                  "| softpatch-plus |", "noise 0.25", "load average"):
         assert text in md
+
+
+# ------------------------------------------------------------------ benchmarks/summarize_accuracy.py
+def _summary_rows(model, cat, clean, overlap, no_overlap, report=0.95, fit_s=10.0, pixel=0.9, seeds=(0,)):
+    rows = [{"category": cat, "model": model, "noise": 0.0, "seed": 0, "protocol": "clean", "n_planted": 0,
+             "image_auroc": clean, "pixel_auroc": pixel, "fit_s": fit_s, "predict_s": 1.0,
+             "denoising": {}, "contamination_detection": {}}]
+    for n in (0.1, 0.2, 0.4):
+        for seed in seeds:
+            for protocol, v in (("no-overlap", no_overlap), ("overlap", overlap)):
+                rows.append({"category": cat, "model": model, "noise": n, "seed": seed, "protocol": protocol,
+                             "n_planted": 3, "image_auroc": v, "pixel_auroc": pixel, "fit_s": fit_s,
+                             "predict_s": 1.0, "denoising": {"cls_removed_share": 0.01},
+                             "contamination_detection": {"auroc": report}})
+    return rows
+
+
+def test_summarize_accuracy_checks_every_set_against_the_baseline(tmp_path):
+    """The pooled table's targets: met on the mean is not enough, every set is judged."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import summarize_accuracy as S
+
+    rows = (_summary_rows("patchcore", "a", 0.90, 0.60, 0.89) + _summary_rows("plus", "a", 0.895, 0.88, 0.885)
+            + _summary_rows("patchcore", "b", 0.80, 0.55, 0.79)
+            # set b: clean 1.5 points below the baseline, overlap within 5 of its clean score, report 0.7
+            + _summary_rows("plus", "b", 0.785, 0.76, 0.78, report=0.7, fit_s=25.0)
+            + _summary_rows("before", "a", 0.90, 0.80, 0.89, pixel=0.95) + _summary_rows("before", "b", 0.80, 0.70, 0.79))
+    res = {name: (ok, figs) for name, ok, figs in S.targets(rows, ["a", "b"], "plus", "patchcore", "before")}
+    by = lambda prefix: next(v for k, v in res.items() if k.startswith(prefix))  # noqa: E731
+    assert by("overlap 10-40")[0] is True  # mean 0.82 vs 0.575
+    assert by("every set, overlap 20")[0] is True  # a: 0.88 >= 0.85; b: 0.76 >= 0.75
+    ok, figs = by("clean")
+    assert ok is False and "b 78.5 vs 80.0 MISSED" in figs and "a 89.5 vs 90.0 ok" in figs
+    assert by("no-overlap 10-20")[0] is True
+    ok, figs = by("training report")
+    assert ok is False and "b 0.1 70.0 MISSED" in figs
+    ok, figs = by("overlap pixel")
+    assert ok is False  # 0.9 against 0.925 before
+    ok, figs = by("fit time")
+    assert ok is True and "1.75x" in figs  # (10 + 25) / 2 against 10
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": {"created": "x", "elapsed_s": 1.0, "load": [0, 0]}, "machine": {},
+                                "rows": rows}))
+    S.main([str(path), "--model", "plus", "--before", "before", "--out", str(tmp_path / "r.md")])
+    md = (tmp_path / "r.md").read_text()
+    assert "| clean: within 1 image point of the baseline on every set | **no** |" in md
+    assert "| **mean** | plus | 84.0 |" in md

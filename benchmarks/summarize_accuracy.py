@@ -110,6 +110,16 @@ def denoising(rows, cats, models) -> list[str]:
     return out
 
 
+def per_set(name: str, margin: float, items) -> tuple[str, bool, str]:
+    """A target judged on every item (label, value, reference, note): value >= reference - margin."""
+    figs, ok = [], True
+    for label, v, ref, note in items:
+        good = v is not None and ref is not None and v >= ref - margin
+        ok &= good
+        figs.append(f"{label} {pct(v)} vs {pct(ref)} {'ok' if good else 'MISSED'}{note}")
+    return name, ok, "; ".join(figs)
+
+
 def targets(rows, cats, model, base, before) -> list[tuple[str, bool | None, str]]:
     """(target, met?, figures) for each of issue 16's targets."""
     res = []
@@ -118,30 +128,18 @@ def targets(rows, cats, model, base, before) -> list[tuple[str, bool | None, str
     ok = all(gaps[n] is not None and bases[n] is not None and gaps[n] >= bases[n] + 0.10 for n in NOISES)
     res.append(("overlap 10-40 %: mean image AUROC >= baseline + 10", ok, "; ".join(
         f"{n:g}: {pct(gaps[n])} vs {pct(bases[n])}" for n in NOISES)))
-    figs, ok = [], True
-    for c in cats:
-        v, clean = cell(rows, c, model, "overlap", 0.2), cell(rows, c, base, "clean", 0.0)
-        good = v is not None and clean is not None and v >= clean - 0.05
-        ok &= good
-        figs.append(f"{c} {pct(v)} vs {pct(clean)} {'ok' if good else 'MISSED'}")
-    res.append(("every set, overlap 20 %: within 5 of the baseline's clean image AUROC", ok, "; ".join(figs)))
-    figs, ok = [], True
-    for c in cats:
-        v, b = cell(rows, c, model, "clean", 0.0), cell(rows, c, base, "clean", 0.0)
-        good = v is not None and b is not None and v >= b - 0.01
-        ok &= good
-        figs.append(f"{c} {pct(v)} vs {pct(b)} {'ok' if good else 'MISSED'}")
-    res.append(("clean: within 1 image point of the baseline on every set", ok, "; ".join(figs)))
-    figs, ok = [], True
+    res.append(per_set("every set, overlap 20 %: within 5 of the baseline's clean image AUROC", 0.05, [
+        (c, cell(rows, c, model, "overlap", 0.2), cell(rows, c, base, "clean", 0.0), "") for c in cats]))
+    res.append(per_set("clean: within 1 image point of the baseline on every set", 0.01, [
+        (c, cell(rows, c, model, "clean", 0.0), cell(rows, c, base, "clean", 0.0), "") for c in cats]))
+    items = []
     for c in cats:
         for n in (0.1, 0.2):
-            v, b = cell(rows, c, model, "no-overlap", n), cell(rows, c, base, "no-overlap", n)
-            good = v is not None and b is not None and v >= b - 0.02
-            ok &= good
             vp, bp = cell(rows, c, model, "no-overlap-paired", n), cell(rows, c, base, "no-overlap-paired", n)
             paired = "" if vp is None or bp is None else f" (paired protocol: {pct(vp)} vs {pct(bp)})"
-            figs.append(f"{c} {n:g} {pct(v)} vs {pct(b)}{'' if good else ' MISSED'}{paired}")
-    res.append(("no-overlap 10-20 %: within 2 image points on every set", ok, "; ".join(figs)))
+            items.append((f"{c} {n:g}", cell(rows, c, model, "no-overlap", n), cell(rows, c, base, "no-overlap", n),
+                          paired))
+    res.append(per_set("no-overlap 10-20 %: within 2 image points on every set", 0.02, items))
     figs, ok = [], True
     for c in cats:
         for n in (0.1, 0.2):

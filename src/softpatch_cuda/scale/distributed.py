@@ -41,6 +41,8 @@ import logging
 import os
 import re
 import socket
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -142,9 +144,6 @@ def _connecting(timeout: float) -> Iterator[None]:
     (``RAY_gcs_server_port_wait_time_s``, unless set), and the retry warnings its C++
     client writes every second held back -- written out when it connects, logged at
     debug level when it does not (the caller says why in one line)."""
-    import sys  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
     key = "RAY_gcs_server_port_wait_time_s"
     previous = os.environ.get(key)
     if previous is None:
@@ -258,7 +257,7 @@ def _pool_size(wanted: int, cpus_per_worker: float, what: str) -> int:
 # ------------------------------------------------------------------ errors
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+    return " ".join(text.splitlines()[0].split())
 
 
 def _last_line(text: str) -> str:
@@ -555,8 +554,9 @@ def _check_chunk(result: ChunkResult, folder: str | None) -> None:
     """What a worker handed back, checked here: a file it missed that this machine has, an
     overlay it wrote where this machine does not see it -- no shared storage."""
     for failure in result.failures:
-        if failure is not None and _shared_storage_hint(failure) is not failure:
-            raise _shared_storage_hint(failure)
+        hinted = None if failure is None else _shared_storage_hint(failure)
+        if hinted is not failure:
+            raise hinted
     for overlay in result.overlays:
         if overlay is not None and not os.path.exists(overlay):
             raise RayRunError(f"the overlay {Path(overlay).name} a Ray worker wrote is not in {folder} on this "
